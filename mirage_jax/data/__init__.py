@@ -1,0 +1,1 @@
+"""Data sources: the synthetic A-roll corpus, real footage, and the grain pipeline."""

@@ -1,0 +1,1 @@
+"""The multi-stream diffusion transformer and its parts."""
