@@ -8,11 +8,17 @@ builder writes ArrayRecord shards that `tfds.data_source` reads without TensorFl
     ds = tfds.data_source("synthetic_aroll/small", data_dir="/data")
 
 Clips are generated in worker processes ('spawn', safe next to jax in the parent; each
-worker initialises espeak once) and yielded in order, so a build is deterministic.
+worker initialises espeak once) and yielded in order. A build is reproducible: sentences,
+speakers, phoneme timings and mouth labels depend only on (seed, split, index); espeak's
+fine waveform detail depends on what a worker spoke before, and through the loudness so
+does the head sway, by a fraction of a pixel.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import dataclasses
+import itertools
 import multiprocessing
 import os
 
@@ -40,7 +46,7 @@ class SyntheticArollConfig(tfds.core.BuilderConfig):
 
 def generate_clip(index: int, split: str = "train", frames: int = 50, size: int = 64,
                   num_speakers: int = 16, seed: int = 0) -> dict:
-    """One example of the corpus (deterministic in all arguments), as numpy values."""
+    """One example of the corpus as numpy values (reproducible: see the module docstring)."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     speaker_id = int(rng.integers(num_speakers))
     spk = face.Speaker.sample(speaker_id, seed)
@@ -109,12 +115,30 @@ class SyntheticAroll(tfds.core.GeneratorBasedBuilder):
     ]
 
     def __init__(self, *, workers: int | None = None, num_clips: int | None = None, **kwargs):
-        """`workers`: generator processes (default: all cores; 0 generates inline).
+        """`workers`: generator processes (default: one per core but one, which is left to
+        TFDS's encoder and writer in this process; 0 generates inline).
         `num_clips`: override the config's clip count (a tenth, at least one, is `test`)."""
         if num_clips is not None and num_clips < 2:
             raise ValueError(f"num_clips must be >= 2 (train and test), got {num_clips}")
-        self._workers, self._num_clips = workers, num_clips
+        self._workers = max(_cpu_count() - 1, 1) if workers is None else workers
+        self._num_clips, self._pool = num_clips, None
         super().__init__(**kwargs)
+
+    def _download_and_prepare(self, dl_manager, *args, **kwargs):
+        """One pool of worker processes for all splits (each worker costs a second to start)."""
+        if self._workers <= 0:
+            return super()._download_and_prepare(dl_manager, *args, **kwargs)
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs jax
+        with cf.ProcessPoolExecutor(self._workers, mp_context=ctx,
+                                    initializer=_init_worker) as self._pool:
+            try:
+                return super()._download_and_prepare(dl_manager, *args, **kwargs)
+            except cf.process.BrokenProcessPool as e:
+                raise RuntimeError(
+                    "a synthetic_aroll worker process died; a script that builds the dataset "
+                    "must guard it with `if __name__ == '__main__':`") from e
+            finally:
+                self._pool = None
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -153,14 +177,23 @@ class SyntheticAroll(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, n: int):
         c = self.builder_config
         kw = dict(frames=c.frames, size=c.size, num_speakers=c.num_speakers, seed=c.seed)
-        jobs = [(i, split, kw) for i in range(n)]
-        workers = _cpu_count() if self._workers is None else self._workers
-        if workers <= 1 or n < 2:
+        jobs = ((i, split, kw) for i in range(n))
+        if self._pool is None:
             yield from map(_job, jobs)
-            return
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(workers, n), initializer=_init_worker) as pool:
-            yield from pool.imap(_job, jobs, chunksize=max(1, min(16, n // (4 * workers))))
+        else:
+            yield from _ordered_map(self._pool, _job, jobs, window=4 * self._workers)
+
+
+def _ordered_map(pool: cf.Executor, fn, jobs, window: int):
+    """Like pool.map, in order, with at most `window` clips in flight: memory stays flat
+    when workers outpace TFDS's single-threaded writer."""
+    jobs = iter(jobs)
+    pending = collections.deque(pool.submit(fn, j) for j in itertools.islice(jobs, window))
+    while pending:
+        result = pending.popleft().result()
+        for j in itertools.islice(jobs, 1):
+            pending.append(pool.submit(fn, j))
+        yield result
 
 
 def _cpu_count() -> int:
@@ -186,8 +219,9 @@ def prepare(config_name: str, data_dir: str, num_clips: int | None = None, *,
     cfg = configs[config_name]
     size, frames = size or cfg.size, frames or cfg.frames
     if (size, frames) != (cfg.size, cfg.frames):  # TFDS forbids reusing a config's name
-        cfg = dataclasses.replace(cfg, name=f"{config_name}_{size}px_{frames}f",
-                                  size=size, frames=frames)
+        cfg = dataclasses.replace(cfg, name=f"{config_name}_{size}px_{frames}f", size=size,
+                                  frames=frames, description=f"{cfg.description}; {size}x{size}, "
+                                  f"{frames} frames")
     builder = SyntheticAroll(config=cfg, data_dir=data_dir, file_format="array_record",
                              workers=workers, num_clips=num_clips)
     builder.download_and_prepare()

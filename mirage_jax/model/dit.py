@@ -122,7 +122,7 @@ class Block(nnx.Module):
       setattr(self, name, StreamLayer(cfg, width, rngs))
     self.rope_freqs = nnx.Param(
         init_rope_freqs(rngs.params(), m.num_heads, m.head_dim, m.rope_theta),
-        sharding_names=("heads", "head_dim", None))
+        out_sharding=("heads", "head_dim", None))
 
   def __call__(self, xs: dict, ctx: dict) -> dict:
     heads, rules = self.cfg.model.num_heads, self.cfg.sharding_rules
@@ -155,8 +155,8 @@ class TimeEmbedding(nnx.Module):
   def __init__(self, cfg, rngs):
     d = cfg.model.time_dim
     self.dim = d
-    self.fc1 = _linear(cfg, d, d, ("cond", "cond"), rngs)
-    self.fc2 = _linear(cfg, d, d, ("cond", "cond"), rngs)
+    self.fc1 = _linear(cfg, d, d, ("cond", "embed"), rngs)
+    self.fc2 = _linear(cfg, d, d, ("cond", "embed"), rngs)
 
   def __call__(self, t):
     half = self.dim // 2
@@ -193,7 +193,7 @@ class DiT(nnx.Module):
           m.text_vocab, w["text"], rngs=rngs, param_dtype=DTYPES[m.param_dtype],
           embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "io")))
       self.text_pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d.text_len, w["text"])),
-                                sharding_names=(None, "io"))
+                                out_sharding=(None, "io"))
     else:
       self.text_in = _linear(cfg, m.text_embed_dim, w["text"], ("io", "embed"), rngs)
     self.time = TimeEmbedding(cfg, rngs)

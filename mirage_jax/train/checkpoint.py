@@ -17,9 +17,17 @@ class CheckpointMismatch(ValueError):
   """A checkpoint whose arrays do not fit the model the config builds."""
 
 
+def _key(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
 def _describe(tree) -> dict[str, tuple]:
+  """'opt_state/1/0/mu/blocks/video/q/kernel' -> (shape, dtype), whatever the container types."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(k): (tuple(v.shape), str(v.dtype)) for k, v in flat}
+  return {"/".join(_key(e) for e in path): (tuple(v.shape), str(v.dtype)) for path, v in flat}
 
 
 class Checkpointer:
@@ -30,7 +38,8 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save),
-        item_names=("state", "config"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -51,7 +51,7 @@ def make_train_step(cfg, s):
     (grads, loss, parts), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
     grads, loss, parts = jax.tree.map(lambda x: x / accum, (grads, loss, parts))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = s.tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     decay = cfg.optim.ema_decay
