@@ -1,4 +1,5 @@
 """mirage_jax: a JAX/Flax implementation of Mirage, audio-to-video generation."""
+
 from setuptools import find_packages, setup
 
 setup(

@@ -5,6 +5,7 @@ Data path, one stage per file:
   -> mirage_jax/model/dit.py -> mirage_jax/flow.py -> mirage_jax/train/step.py
   -> mirage_jax/train/loop.py -> mirage_jax/train/checkpoint.py
 """
+
 from flax import nnx
 
 # Parameters carry logical axis names only; mirage_jax/sharding.py maps them to the mesh.

@@ -1,8 +1,9 @@
 """`mirage-jax` command line: one entry point, one subcommand per job.
 
-  mirage-jax train --config configs/tiny.py --config.model.depth=4 --workdir DIR [--resume]
-  mirage-jax demo  [--workdir demo_out]
+mirage-jax train --config configs/tiny.py --config.model.depth=4 --workdir DIR [--resume]
+mirage-jax demo  [--workdir demo_out]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,72 +17,79 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-  """`--config.a.b=v` (or `--config.a.b v`) go to the config; the rest to argparse."""
-  rest, overrides, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--config.") and "=" not in arg:
-      if i + 1 >= len(argv):
-        raise config_lib.ConfigError(f"override '{arg}' has no value")
-      overrides.append(f"{arg}={argv[i + 1]}")
-      i += 2
-      continue
-    (overrides if arg.startswith("--config.") else rest).append(arg)
-    i += 1
-  return rest, overrides
+    """`--config.a.b=v` (or `--config.a.b v`) go to the config; the rest to argparse."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config.") and "=" not in arg:
+            if i + 1 >= len(argv):
+                raise config_lib.ConfigError(f"override '{arg}' has no value")
+            overrides.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        (overrides if arg.startswith("--config.") else rest).append(arg)
+        i += 1
+    return rest, overrides
 
 
 def _train(args, overrides):
-  from mirage_jax.train import loop
-  cfg = config_lib.load(args.config, overrides)
-  summary = loop.train(cfg, args.workdir, resume=args.resume)
-  losses = summary["losses"]
-  if losses:
-    print(f"trained steps {summary['start']}..{summary['steps']}: "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoints in {args.workdir}/checkpoints")
-  return 0
+    from mirage_jax.train import loop
+
+    cfg = config_lib.load(args.config, overrides)
+    summary = loop.train(cfg, args.workdir, resume=args.resume)
+    losses = summary["losses"]
+    if losses:
+        print(
+            f"trained steps {summary['start']}..{summary['steps']}: "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoints in {args.workdir}/checkpoints"
+        )
+    return 0
 
 
 def _demo(args, overrides):
-  """The main job, for now: train the demo config on the procedural source."""
-  from mirage_jax.train import loop
-  cfg = config_lib.load(REPO / "configs" / "demo.py", overrides)
-  summary = loop.train(cfg, args.workdir, resume=args.resume)
-  losses = summary["losses"]
-  if losses:
-    k = max(1, len(losses) // 10)
-    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    print(f"demo: {summary['params']:,} parameters, steps {summary['start']}..{summary['steps']}, "
-          f"mean loss of the first {k} steps {first:.4f} -> last {k} steps {last:.4f}")
-  return 0
+    """The main job, for now: train the demo config on the procedural source."""
+    from mirage_jax.train import loop
+
+    cfg = config_lib.load(REPO / "configs" / "demo.py", overrides)
+    summary = loop.train(cfg, args.workdir, resume=args.resume)
+    losses = summary["losses"]
+    if losses:
+        k = max(1, len(losses) // 10)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        print(
+            f"demo: {summary['params']:,} parameters, steps {summary['start']}..{summary['steps']}, "
+            f"mean loss of the first {k} steps {first:.4f} -> last {k} steps {last:.4f}"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog="mirage-jax", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("train", help="train a model from a config file")
-  p.add_argument("--config", required=True, help="configs/*.py with get_config()")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-  p.set_defaults(run=_train)
-  p = sub.add_parser("demo", help="the README's main job on the built-in data")
-  p.add_argument("--workdir", default="demo_out")
-  p.add_argument("--resume", action="store_true")
-  p.set_defaults(run=_demo)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="mirage-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model from a config file")
+    p.add_argument("--config", required=True, help="configs/*.py with get_config()")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.set_defaults(run=_train)
+    p = sub.add_parser("demo", help="the README's main job on the built-in data")
+    p.add_argument("--workdir", default="demo_out")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(run=_demo)
 
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  for noisy in ("absl", "jax._src.xla_bridge"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  try:
-    rest, overrides = _split_overrides(argv)
-    args = parser.parse_args(rest)
-    return args.run(args, overrides)
-  except (config_lib.ConfigError, FileExistsError) as e:
-    print(f"mirage-jax: error: {e}", file=sys.stderr)
-    return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = parser.parse_args(rest)
+        return args.run(args, overrides)
+    except (config_lib.ConfigError, FileExistsError) as e:
+        print(f"mirage-jax: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -5,6 +5,7 @@ Configs are Python files with `get_config() -> ml_collections.ConfigDict` (big_v
 and every override (`--config.model.depth=4`) is checked against it, so a typo or a wrong
 type fails at start with the key named instead of surfacing hours later.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,180 +33,189 @@ DEFAULT_RULES = (
 
 
 class ConfigError(ValueError):
-  """A config file or override that does not fit the schema."""
+    """A config file or override that does not fit the schema."""
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The schema with defaults (a tiny model). Config files start from this."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+    """The schema with defaults (a tiny model). Config files start from this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
 
-  c.model = dict(
-      depth=2,
-      num_heads=4,
-      head_dim=16,
-      mlp_ratio=4.0,
-      video_width=64,        # visual stream width (Mochi: 3072)
-      audio_width=32,
-      text_width=32,         # Mochi: 1536
-      time_dim=64,           # width of the diffusion-time embedding
-      patch=2,               # spatial patch of the video stream (latents: 2x2)
-      text_vocab=260,        # bytes + pad/bos/eos; used by the 'bytes' text encoder
-      text_encoder="bytes",  # 'bytes' (learned) | 'precomputed' (embeddings in the batch)
-      text_embed_dim=0,      # input width of precomputed text embeddings
-      rope_theta=100.0,      # base of the initial rotary frequencies (positions in frames/patches)
-      ref_time=-4.0,         # time coordinate of the reference image, in video frames
-      scan_layers=True,
-      remat="none",          # none | full | save_dots | offload
-      dtype="float32",       # compute dtype: float32 | bfloat16
-      param_dtype="float32",
-  )
+    c.model = dict(
+        depth=2,
+        num_heads=4,
+        head_dim=16,
+        mlp_ratio=4.0,
+        video_width=64,  # visual stream width (Mochi: 3072)
+        audio_width=32,
+        text_width=32,  # Mochi: 1536
+        time_dim=64,  # width of the diffusion-time embedding
+        patch=2,  # spatial patch of the video stream (latents: 2x2)
+        text_vocab=260,  # bytes + pad/bos/eos; used by the 'bytes' text encoder
+        text_encoder="bytes",  # 'bytes' (learned) | 'precomputed' (embeddings in the batch)
+        text_embed_dim=0,  # input width of precomputed text embeddings
+        rope_theta=100.0,  # base of the initial rotary frequencies (positions in frames/patches)
+        ref_time=-4.0,  # time coordinate of the reference image, in video frames
+        scan_layers=True,
+        remat="none",  # none | full | save_dots | offload
+        dtype="float32",  # compute dtype: float32 | bfloat16
+        param_dtype="float32",
+    )
 
-  c.data = dict(
-      source="procedural",   # in-memory procedural clips (until the corpus lands)
-      frames=4,              # video frames per clip (25 fps)
-      height=16,
-      width=16,
-      channels=3,
-      audio_features=16,     # audio feature bins per video frame
-      text_len=16,           # text tokens per example (padded)
-      global_batch=8,
-  )
+    c.data = dict(
+        source="procedural",  # procedural (in memory) | tfds (ArrayRecord via grain)
+        dataset="synthetic_aroll/small",  # TFDS name/config for source=tfds
+        data_dir="data_dir",  # where `mirage-jax prepare` wrote it
+        split="train",
+        workers=0,  # grain worker processes (0: in the main process)
+        random_flip=False,  # augmentation, off by default
+        frames=4,  # video frames per training window (25 fps)
+        height=16,
+        width=16,
+        channels=3,
+        audio_features=16,  # audio feature bins per video frame
+        text_len=16,  # text tokens per example (padded)
+        global_batch=8,
+    )
 
-  c.flow = dict(
-      time_loc=0.0,          # logit-normal training time: t = sigmoid(loc + scale * N(0,1))
-      time_scale=1.0,
-      p_joint=0.1,           # task mix per example: generate audio and video together,
-      p_video_to_audio=0.1,  # or audio from clean video; the rest is audio -> video
-      p_video_prefix=0.1,    # some leading video frames clean (continuation / image-to-video)
-      drop_text=0.1,         # classifier-free guidance: drop each condition independently
-      drop_audio=0.1,
-      drop_ref=0.1,
-  )
+    c.flow = dict(
+        time_loc=0.0,  # logit-normal training time: t = sigmoid(loc + scale * N(0,1))
+        time_scale=1.0,
+        p_joint=0.1,  # task mix per example: generate audio and video together,
+        p_video_to_audio=0.1,  # or audio from clean video; the rest is audio -> video
+        p_video_prefix=0.1,  # some leading video frames clean (continuation / image-to-video)
+        drop_text=0.1,  # classifier-free guidance: drop each condition independently
+        drop_audio=0.1,
+        drop_ref=0.1,
+    )
 
-  c.optim = dict(
-      lr=1e-3,
-      warmup_steps=10,
-      end_lr_ratio=0.1,      # cosine decays to lr * end_lr_ratio at train.steps
-      b1=0.9,
-      b2=0.95,
-      weight_decay=0.01,
-      clip_norm=1.0,
-      ema_decay=0.999,
-  )
+    c.optim = dict(
+        lr=1e-3,
+        warmup_steps=10,
+        end_lr_ratio=0.1,  # cosine decays to lr * end_lr_ratio at train.steps
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.01,
+        clip_norm=1.0,
+        ema_decay=0.999,
+    )
 
-  c.train = dict(
-      steps=100,
-      grad_accum=1,          # micro-batches per step (global_batch must divide)
-      log_every=10,
-      ckpt_every=50,
-      keep=3,
-      peak_flops=0.0,        # FLOP/s for MFU; 0 measures a matmul at start
-  )
+    c.train = dict(
+        steps=100,
+        grad_accum=1,  # micro-batches per step (global_batch must divide)
+        log_every=10,
+        ckpt_every=50,
+        keep=3,
+        peak_flops=0.0,  # FLOP/s for MFU; 0 measures a matmul at start
+    )
 
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)  # -1: the remaining devices
-  c.sharding_rules = DEFAULT_RULES
-  c.lock()
-  return c
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)  # -1: the remaining devices
+    c.sharding_rules = DEFAULT_RULES
+    c.lock()
+    return c
 
 
 def _check_against(schema, cfg, prefix=""):
-  """Every key of `cfg` exists in `schema` with a compatible type."""
-  for key in cfg.keys():
-    name = f"{prefix}{key}"
-    if key not in schema:
-      raise ConfigError(f"unknown config key '{name}'")
-    want, got = schema[key], cfg[key]
-    if isinstance(want, ml_collections.ConfigDict):
-      if not isinstance(got, ml_collections.ConfigDict):
-        raise ConfigError(f"config key '{name}' must be a group, got {got!r}")
-      _check_against(want, got, name + ".")
-    elif not _type_ok(want, got):
-      raise ConfigError(
-          f"config key '{name}' must be {type(want).__name__}, got {type(got).__name__} {got!r}")
+    """Every key of `cfg` exists in `schema` with a compatible type."""
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key '{name}'")
+        want, got = schema[key], cfg[key]
+        if isinstance(want, ml_collections.ConfigDict):
+            if not isinstance(got, ml_collections.ConfigDict):
+                raise ConfigError(f"config key '{name}' must be a group, got {got!r}")
+            _check_against(want, got, name + ".")
+        elif not _type_ok(want, got):
+            raise ConfigError(
+                f"config key '{name}' must be {type(want).__name__}, got {type(got).__name__} {got!r}"
+            )
 
 
 def _type_ok(want, got) -> bool:
-  if isinstance(want, bool) or isinstance(got, bool):
-    return isinstance(want, bool) and isinstance(got, bool)
-  if isinstance(want, float):
-    return isinstance(got, (int, float))
-  if want is None or got is None:
-    return True
-  return isinstance(got, type(want))
+    if isinstance(want, bool) or isinstance(got, bool):
+        return isinstance(want, bool) and isinstance(got, bool)
+    if isinstance(want, float):
+        return isinstance(got, (int, float))
+    if want is None or got is None:
+        return True
+    return isinstance(got, type(want))
 
 
 def load_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """Imports a config file and calls its get_config()."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ConfigError(f"config file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"mirage_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} has no get_config()")
-  cfg = module.get_config()
-  _check_against(base_config(), cfg)
-  return cfg
+    """Imports a config file and calls its get_config()."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"mirage_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config()")
+    cfg = module.get_config()
+    _check_against(base_config(), cfg)
+    return cfg
 
 
 def _parse_value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # a bare string such as --config.model.remat=full
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as --config.model.remat=full
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-  """Applies `config.a.b=value` strings (the leading 'config.' or '--config.' is optional)."""
-  cfg = cfg.copy_and_resolve_references()
-  schema = base_config()
-  for item in overrides:
-    if "=" not in item:
-      raise ConfigError(f"override '{item}' must look like --config.a.b=value")
-    key, text = item.split("=", 1)
-    key = key.lstrip("-")
-    key = key[len("config."):] if key.startswith("config.") else key
-    *parents, leaf = key.split(".")
-    node, snode = cfg, schema
-    for p in parents:
-      if p not in snode or not isinstance(snode[p], ml_collections.ConfigDict):
-        raise ConfigError(f"unknown config key '{key}'")
-      node, snode = node[p], snode[p]
-    if leaf not in snode or isinstance(snode[leaf], ml_collections.ConfigDict):
-      raise ConfigError(f"unknown config key '{key}'")
-    value = _parse_value(text)
-    if isinstance(snode[leaf], str) and not isinstance(value, str):
-      value = text
-    if not _type_ok(snode[leaf], value):
-      raise ConfigError(
-          f"config key '{key}' must be {type(snode[leaf]).__name__}, got {text!r}")
-    if isinstance(snode[leaf], float):
-      value = float(value)
-    with node.unlocked():
-      node[leaf] = value
-  validate(cfg)
-  return cfg
+def apply_overrides(
+    cfg: ml_collections.ConfigDict, overrides: list[str]
+) -> ml_collections.ConfigDict:
+    """Applies `config.a.b=value` strings (the leading 'config.' or '--config.' is optional)."""
+    cfg = cfg.copy_and_resolve_references()
+    schema = base_config()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like --config.a.b=value")
+        key, text = item.split("=", 1)
+        key = key.lstrip("-")
+        key = key[len("config.") :] if key.startswith("config.") else key
+        *parents, leaf = key.split(".")
+        node, snode = cfg, schema
+        for p in parents:
+            if p not in snode or not isinstance(snode[p], ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config key '{key}'")
+            node, snode = node[p], snode[p]
+        if leaf not in snode or isinstance(snode[leaf], ml_collections.ConfigDict):
+            raise ConfigError(f"unknown config key '{key}'")
+        value = _parse_value(text)
+        if isinstance(snode[leaf], str) and not isinstance(value, str):
+            value = text
+        if not _type_ok(snode[leaf], value):
+            raise ConfigError(
+                f"config key '{key}' must be {type(snode[leaf]).__name__}, got {text!r}"
+            )
+        if isinstance(snode[leaf], float):
+            value = float(value)
+        with node.unlocked():
+            node[leaf] = value
+    validate(cfg)
+    return cfg
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Cross-field checks that a type system cannot express."""
-  m, d = cfg.model, cfg.data
-  checks = [
-      (m.remat in ("none", "full", "save_dots", "offload"), "model.remat", m.remat),
-      (m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype),
-      (m.param_dtype in ("float32", "bfloat16"), "model.param_dtype", m.param_dtype),
-      (m.text_encoder in ("bytes", "precomputed"), "model.text_encoder", m.text_encoder),
-      (m.head_dim % 2 == 0, "model.head_dim", m.head_dim),
-      (d.height % m.patch == 0 and d.width % m.patch == 0, "model.patch", m.patch),
-      (d.global_batch % cfg.train.grad_accum == 0, "train.grad_accum", cfg.train.grad_accum),
-      (cfg.flow.p_joint + cfg.flow.p_video_to_audio <= 1.0, "flow.p_joint", cfg.flow.p_joint),
-  ]
-  for ok, key, value in checks:
-    if not ok:
-      raise ConfigError(f"config key '{key}' has an invalid value {value!r}")
+    """Cross-field checks that a type system cannot express."""
+    m, d = cfg.model, cfg.data
+    checks = [
+        (m.remat in ("none", "full", "save_dots", "offload"), "model.remat", m.remat),
+        (m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype),
+        (m.param_dtype in ("float32", "bfloat16"), "model.param_dtype", m.param_dtype),
+        (m.text_encoder in ("bytes", "precomputed"), "model.text_encoder", m.text_encoder),
+        (m.head_dim % 2 == 0, "model.head_dim", m.head_dim),
+        (d.height % m.patch == 0 and d.width % m.patch == 0, "model.patch", m.patch),
+        (d.global_batch % cfg.train.grad_accum == 0, "train.grad_accum", cfg.train.grad_accum),
+        (cfg.flow.p_joint + cfg.flow.p_video_to_audio <= 1.0, "flow.p_joint", cfg.flow.p_joint),
+    ]
+    for ok, key, value in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' has an invalid value {value!r}")
 
 
 def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  return apply_overrides(load_file(path), list(overrides))
+    return apply_overrides(load_file(path), list(overrides))

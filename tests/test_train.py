@@ -1,4 +1,5 @@
 """Training: one-batch overfit, mesh equivalence, sharded state, kill-and-resume."""
+
 import json
 import os
 import signal
@@ -22,118 +23,137 @@ from conftest import REPO
 
 
 def test_one_batch_overfit_drops_loss_10x(tiny_cfg):
-  """Same batch, same noise and times every step: the model must memorise it."""
-  cfg = config.apply_overrides(tiny_cfg, ["config.data.global_batch=4"])
-  batch = {k: jnp.asarray(v) for k, v in ProceduralSource(cfg).batch(0).items() if k in MODEL_KEYS}
-  model = DiT(cfg, nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = optax.adam(3e-3)
-  opt = tx.init(params)
-  key = jax.random.key(7)
+    """Same batch, same noise and times every step: the model must memorise it."""
+    cfg = config.apply_overrides(tiny_cfg, ["config.data.global_batch=4"])
+    batch = {
+        k: jnp.asarray(v) for k, v in ProceduralSource(cfg).batch(0).items() if k in MODEL_KEYS
+    }
+    model = DiT(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+    key = jax.random.key(7)
 
-  @jax.jit
-  def step(params, opt):
-    loss, grads = jax.value_and_grad(
-        lambda p: batch_loss(nnx.merge(graphdef, p), batch, key, cfg)[0])(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
+    @jax.jit
+    def step(params, opt):
+        loss, grads = jax.value_and_grad(
+            lambda p: batch_loss(nnx.merge(graphdef, p), batch, key, cfg)[0]
+        )(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
 
-  losses = []
-  for _ in range(150):
-    params, opt, loss = step(params, opt)
-    losses.append(float(loss))
-  print("overfit", losses[::10])
-  assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    losses = []
+    for _ in range(150):
+        params, opt, loss = step(params, opt)
+        losses.append(float(loss))
+    print("overfit", losses[::10])
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
 def _losses_on_mesh(cfg, mesh_axes, devices, steps=3):
-  overrides = [f"config.mesh.{k}={v}" for k, v in zip(("data", "fsdp", "tensor"), mesh_axes)]
-  cfg = config.apply_overrides(cfg, overrides)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  setup = state_lib.setup(cfg, mesh)
-  state = state_lib.init_state(cfg, setup)
-  source = ProceduralSource(cfg)
-  shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
-  first = source.batch(0)
-  abstract = {k: jax.ShapeDtypeStruct(first[k].shape, first[k].dtype) for k in MODEL_KEYS}
-  step_fn = compile_step(cfg, setup, abstract)
-  losses = []
-  with jax.set_mesh(mesh):
-    for i in range(steps):
-      batch = {k: jax.device_put(v, shard) for k, v in source.batch(i).items() if k in MODEL_KEYS}
-      state, m = step_fn(state, batch)
-      losses.append(float(m["loss"]))
-  return np.array(losses), state, setup
+    overrides = [f"config.mesh.{k}={v}" for k, v in zip(("data", "fsdp", "tensor"), mesh_axes)]
+    cfg = config.apply_overrides(cfg, overrides)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    setup = state_lib.setup(cfg, mesh)
+    state = state_lib.init_state(cfg, setup)
+    source = ProceduralSource(cfg)
+    shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
+    first = source.batch(0)
+    abstract = {k: jax.ShapeDtypeStruct(first[k].shape, first[k].dtype) for k in MODEL_KEYS}
+    step_fn = compile_step(cfg, setup, abstract)
+    losses = []
+    with jax.set_mesh(mesh):
+        for i in range(steps):
+            batch = {
+                k: jax.device_put(v, shard) for k, v in source.batch(i).items() if k in MODEL_KEYS
+            }
+            state, m = step_fn(state, batch)
+            losses.append(float(m["loss"]))
+    return np.array(losses), state, setup
 
 
 def test_same_losses_on_1_device_and_8_device_meshes(tiny_cfg):
-  cfg = config.apply_overrides(tiny_cfg, ["config.optim.warmup_steps=1"])
-  ref, ref_state, _ = _losses_on_mesh(cfg, (1, 1, 1), jax.devices()[:1])
-  assert np.all(np.isfinite(ref)) and ref[0] != ref[-1]
-  for axes in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
-    losses, state, setup = _losses_on_mesh(cfg, axes, jax.devices())
-    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5, err_msg=f"mesh {axes}")
-    kernel = state["params"]["blocks"]["video"]["fc1"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    assert kernel.addressable_shards[0].data.shape[1:] == (
-        kernel.shape[1] // axes[1], kernel.shape[2] // axes[2])
-    np.testing.assert_allclose(kernel, ref_state["params"]["blocks"]["video"]["fc1"]["kernel"],
-                               rtol=1e-4, atol=1e-6)
+    cfg = config.apply_overrides(tiny_cfg, ["config.optim.warmup_steps=1"])
+    ref, ref_state, _ = _losses_on_mesh(cfg, (1, 1, 1), jax.devices()[:1])
+    assert np.all(np.isfinite(ref)) and ref[0] != ref[-1]
+    for axes in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
+        losses, state, setup = _losses_on_mesh(cfg, axes, jax.devices())
+        np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5, err_msg=f"mesh {axes}")
+        kernel = state["params"]["blocks"]["video"]["fc1"]["kernel"]
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+        assert kernel.addressable_shards[0].data.shape[1:] == (
+            kernel.shape[1] // axes[1],
+            kernel.shape[2] // axes[2],
+        )
+        np.testing.assert_allclose(
+            kernel, ref_state["params"]["blocks"]["video"]["fc1"]["kernel"], rtol=1e-4, atol=1e-6
+        )
 
 
 def test_fsdp_shards_nearly_all_parameter_bytes():
-  cfg = config.load(REPO / "configs" / "demo.py", ["config.mesh.fsdp=8", "config.mesh.data=1"])
-  mesh = sharding.make_mesh(cfg.mesh)
-  setup = state_lib.setup(cfg, mesh)
-  frac = sharding.replicated_fraction(setup.abstract["params"], setup.shardings["params"])
-  assert frac <= 0.02, f"{frac:.1%} of parameter bytes replicated under fsdp=8"
-  opt_leaves = jax.tree.leaves(setup.shardings["opt_state"])
-  assert any(s.spec != jax.sharding.PartitionSpec() for s in opt_leaves)   # moments follow params
+    cfg = config.load(REPO / "configs" / "demo.py", ["config.mesh.fsdp=8", "config.mesh.data=1"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    setup = state_lib.setup(cfg, mesh)
+    frac = sharding.replicated_fraction(setup.abstract["params"], setup.shardings["params"])
+    assert frac <= 0.02, f"{frac:.1%} of parameter bytes replicated under fsdp=8"
+    opt_leaves = jax.tree.leaves(setup.shardings["opt_state"])
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in opt_leaves)  # moments follow params
 
 
 def _run(workdir, *extra, wait=True):
-  cmd = [sys.executable, "-m", "mirage_jax.cli", "train", "--config", str(REPO / "configs/tiny.py"),
-         "--workdir", str(workdir), "--config.train.steps=16", "--config.train.ckpt_every=4",
-         "--config.train.keep=2", *extra]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
-  if wait:
-    out = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == 0, out
-  return proc
+    cmd = [
+        sys.executable,
+        "-m",
+        "mirage_jax.cli",
+        "train",
+        "--config",
+        str(REPO / "configs/tiny.py"),
+        "--workdir",
+        str(workdir),
+        "--config.train.steps=16",
+        "--config.train.ckpt_every=4",
+        "--config.train.keep=2",
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    if wait:
+        out = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode == 0, out
+    return proc
 
 
 def _loss_by_step(workdir):
-  """step -> every loss logged for it (a killed run and its resume may both log a step)."""
-  seen = {}
-  for line in open(workdir / "metrics.jsonl"):
-    rec = json.loads(line)
-    seen.setdefault(rec["step"], []).append(rec["loss"])
-  return seen
+    """step -> every loss logged for it (a killed run and its resume may both log a step)."""
+    seen = {}
+    for line in open(workdir / "metrics.jsonl"):
+        rec = json.loads(line)
+        seen.setdefault(rec["step"], []).append(rec["loss"])
+    return seen
 
 
 def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path):
-  _run(tmp_path / "straight")
-  straight = _loss_by_step(tmp_path / "straight")
-  assert sorted(straight) == list(range(1, 17))
+    _run(tmp_path / "straight")
+    straight = _loss_by_step(tmp_path / "straight")
+    assert sorted(straight) == list(range(1, 17))
 
-  killed = tmp_path / "killed"
-  proc = _run(killed, wait=False)
-  deadline = time.time() + 300
-  while not (killed / "checkpoints" / "8").is_dir():      # orbax renames a step dir when complete
-    assert proc.poll() is None and time.time() < deadline, "run ended before step 8 was saved"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert not (killed / "checkpoints" / "16").exists()
-  _run(killed, "--resume")
-  resumed = _loss_by_step(killed)
-  assert sorted(resumed) == list(range(1, 17))
-  for step, losses in resumed.items():
-    for loss in losses:                                    # bitwise: floats compared exactly
-      assert loss == straight[step][0], (step, loss, straight[step][0])
-  assert any(len(v) == 2 for v in resumed.values())        # some steps really ran twice
-  # A finished workdir is not silently retrained from scratch.
-  proc = _run(killed, wait=False)
-  out = proc.communicate(timeout=300)[0].decode()
-  assert proc.returncode == 2 and "pass --resume" in out
+    killed = tmp_path / "killed"
+    proc = _run(killed, wait=False)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "8").is_dir():  # orbax renames a step dir when complete
+        assert proc.poll() is None and time.time() < deadline, "run ended before step 8 was saved"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "checkpoints" / "16").exists()
+    _run(killed, "--resume")
+    resumed = _loss_by_step(killed)
+    assert sorted(resumed) == list(range(1, 17))
+    for step, losses in resumed.items():
+        for loss in losses:  # bitwise: floats compared exactly
+            assert loss == straight[step][0], (step, loss, straight[step][0])
+    assert any(len(v) == 2 for v in resumed.values())  # some steps really ran twice
+    # A finished workdir is not silently retrained from scratch.
+    proc = _run(killed, wait=False)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 2 and "pass --resume" in out

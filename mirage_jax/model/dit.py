@@ -10,6 +10,7 @@ Reference-image tokens use the video stream's weights. Rotary positions are lear
 Layers are created stacked with `nnx.vmap` and run with `nnx.scan`, so compile time does
 not grow with depth; `model.remat` picks the rematerialisation policy per block.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -34,216 +35,236 @@ REMAT_POLICIES = {
 
 
 def _linear(cfg, din, dout, names, rngs, zero=False):
-  m = cfg.model
-  init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
-  return nnx.Linear(
-      din, dout, rngs=rngs, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-      kernel_init=nnx.with_partitioning(init, names),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[-1:]))
+    m = cfg.model
+    init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
+    return nnx.Linear(
+        din,
+        dout,
+        rngs=rngs,
+        dtype=DTYPES[m.dtype],
+        param_dtype=DTYPES[m.param_dtype],
+        kernel_init=nnx.with_partitioning(init, names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[-1:]),
+    )
 
 
 def _norm(x):
-  """Parameter-free LayerNorm in float32; adaLN supplies scale and shift."""
-  x32 = x.astype(jnp.float32)
-  mu = x32.mean(-1, keepdims=True)
-  var = jnp.square(x32 - mu).mean(-1, keepdims=True)
-  return ((x32 - mu) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+    """Parameter-free LayerNorm in float32; adaLN supplies scale and shift."""
+    x32 = x.astype(jnp.float32)
+    mu = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mu).mean(-1, keepdims=True)
+    return ((x32 - mu) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
 
 
 def _modulate(x, shift, scale):
-  return _norm(x) * (1 + scale) + shift
+    return _norm(x) * (1 + scale) + shift
 
 
 def stream_widths(cfg) -> dict[str, int]:
-  m = cfg.model
-  return {"video": m.video_width, "audio": m.audio_width, "text": m.text_width}
+    m = cfg.model
+    return {"video": m.video_width, "audio": m.audio_width, "text": m.text_width}
 
 
 def rope(x, pos, freqs):
-  """Rotates channel pairs of x [B,N,H,D] by angles pos [B,N,3] . freqs [H,D/2,3]."""
-  angles = jnp.einsum("bnk,hfk->bnhf", pos.astype(jnp.float32), freqs.astype(jnp.float32))
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+    """Rotates channel pairs of x [B,N,H,D] by angles pos [B,N,3] . freqs [H,D/2,3]."""
+    angles = jnp.einsum("bnk,hfk->bnhf", pos.astype(jnp.float32), freqs.astype(jnp.float32))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
 def init_rope_freqs(key, heads, head_dim, theta):
-  """RoPE-Mixed init: standard magnitudes, a random direction in (t,h,w) per head and pair."""
-  mags = theta ** (-jnp.arange(head_dim // 2) / (head_dim // 2))
-  dirs = jax.random.normal(key, (heads, head_dim // 2, 3))
-  dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
-  return mags[None, :, None] * dirs
+    """RoPE-Mixed init: standard magnitudes, a random direction in (t,h,w) per head and pair."""
+    mags = theta ** (-jnp.arange(head_dim // 2) / (head_dim // 2))
+    dirs = jax.random.normal(key, (heads, head_dim // 2, 3))
+    dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
+    return mags[None, :, None] * dirs
 
 
 def attention(q, k, v, key_mask):
-  """Joint softmax attention; q,k,v [B,N,H,D], key_mask [B,N] (False = not attended)."""
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(key_mask[:, None, None, :], logits, -1e30)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    """Joint softmax attention; q,k,v [B,N,H,D], key_mask [B,N] (False = not attended)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(key_mask[:, None, None, :], logits, -1e30)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class StreamLayer(nnx.Module):
-  """One stream's weights within a block."""
+    """One stream's weights within a block."""
 
-  def __init__(self, cfg, width: int, rngs: nnx.Rngs):
-    m = cfg.model
-    inner, hidden = m.num_heads * m.head_dim, int(width * m.mlp_ratio)
-    # adaLN-Zero: shift/scale/gate for attention and MLP, all zero at init.
-    self.mod = _linear(cfg, m.time_dim, 6 * width, ("cond", "embed"), rngs, zero=True)
-    self.q = _linear(cfg, width, inner, ("embed", "heads"), rngs)
-    self.k = _linear(cfg, width, inner, ("embed", "heads"), rngs)
-    self.v = _linear(cfg, width, inner, ("embed", "heads"), rngs)
-    norm_init = nnx.with_partitioning(nnx.initializers.ones_init(), ("head_dim",))
-    self.q_norm = nnx.RMSNorm(m.head_dim, rngs=rngs, scale_init=norm_init)
-    self.k_norm = nnx.RMSNorm(m.head_dim, rngs=rngs, scale_init=norm_init)
-    self.o = _linear(cfg, inner, width, ("heads", "embed"), rngs)
-    self.fc1 = _linear(cfg, width, hidden, ("embed", "mlp"), rngs)
-    self.fc2 = _linear(cfg, hidden, width, ("mlp", "embed"), rngs)
+    def __init__(self, cfg, width: int, rngs: nnx.Rngs):
+        m = cfg.model
+        inner, hidden = m.num_heads * m.head_dim, int(width * m.mlp_ratio)
+        # adaLN-Zero: shift/scale/gate for attention and MLP, all zero at init.
+        self.mod = _linear(cfg, m.time_dim, 6 * width, ("cond", "embed"), rngs, zero=True)
+        self.q = _linear(cfg, width, inner, ("embed", "heads"), rngs)
+        self.k = _linear(cfg, width, inner, ("embed", "heads"), rngs)
+        self.v = _linear(cfg, width, inner, ("embed", "heads"), rngs)
+        norm_init = nnx.with_partitioning(nnx.initializers.ones_init(), ("head_dim",))
+        self.q_norm = nnx.RMSNorm(m.head_dim, rngs=rngs, scale_init=norm_init)
+        self.k_norm = nnx.RMSNorm(m.head_dim, rngs=rngs, scale_init=norm_init)
+        self.o = _linear(cfg, inner, width, ("heads", "embed"), rngs)
+        self.fc1 = _linear(cfg, width, hidden, ("embed", "mlp"), rngs)
+        self.fc2 = _linear(cfg, hidden, width, ("mlp", "embed"), rngs)
 
-  def qkv(self, h, heads):
-    split = lambda y: y.reshape(*y.shape[:-1], heads, -1)
-    q = self.q_norm(split(self.q(h)).astype(jnp.float32))
-    k = self.k_norm(split(self.k(h)).astype(jnp.float32))
-    return q.astype(h.dtype), k.astype(h.dtype), split(self.v(h))
+    def qkv(self, h, heads):
+        split = lambda y: y.reshape(*y.shape[:-1], heads, -1)
+        q = self.q_norm(split(self.q(h)).astype(jnp.float32))
+        k = self.k_norm(split(self.k(h)).astype(jnp.float32))
+        return q.astype(h.dtype), k.astype(h.dtype), split(self.v(h))
 
-  def mlp(self, h):
-    return self.fc2(jax.nn.gelu(self.fc1(h)))
+    def mlp(self, h):
+        return self.fc2(jax.nn.gelu(self.fc1(h)))
 
 
 class Block(nnx.Module):
-  """Per-stream modulation and projections around one joint self-attention."""
+    """Per-stream modulation and projections around one joint self-attention."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
-    m = cfg.model
-    self.cfg = cfg
-    for name, width in stream_widths(cfg).items():
-      setattr(self, name, StreamLayer(cfg, width, rngs))
-    self.rope_freqs = nnx.Param(
-        init_rope_freqs(rngs.params(), m.num_heads, m.head_dim, m.rope_theta),
-        out_sharding=("heads", "head_dim", None))
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        m = cfg.model
+        self.cfg = cfg
+        for name, width in stream_widths(cfg).items():
+            setattr(self, name, StreamLayer(cfg, width, rngs))
+        self.rope_freqs = nnx.Param(
+            init_rope_freqs(rngs.params(), m.num_heads, m.head_dim, m.rope_theta),
+            out_sharding=("heads", "head_dim", None),
+        )
 
-  def __call__(self, xs: dict, ctx: dict) -> dict:
-    heads, rules = self.cfg.model.num_heads, self.cfg.sharding_rules
-    qs, ks, vs, mods = [], [], [], {}
-    for g in GROUPS:
-      layer = getattr(self, STREAM_OF[g])
-      mods[g] = jnp.split(layer.mod(ctx["cond"][g]), 6, axis=-1)
-      shift, scale = mods[g][0], mods[g][1]
-      q, k, v = layer.qkv(_modulate(xs[g], shift, scale), heads)
-      qs.append(rope(q, ctx["pos"][g], self.rope_freqs[...]))
-      ks.append(rope(k, ctx["pos"][g], self.rope_freqs[...]))
-      vs.append(v)
-    q, k, v = (jnp.concatenate(a, axis=1) for a in (qs, ks, vs))
-    out = attention(q, k, v, ctx["key_mask"])
-    out = constrain(out, ("batch", "length", "heads", "head_dim"), rules)
-    offsets = list(itertools.accumulate(xs[g].shape[1] for g in GROUPS))[:-1]
-    new = {}
-    for g, o in zip(GROUPS, jnp.split(out, offsets, axis=1)):
-      layer = getattr(self, STREAM_OF[g])
-      _, _, gate1, shift2, scale2, gate2 = mods[g]
-      x = xs[g] + gate1 * layer.o(o.reshape(*o.shape[:2], -1))
-      x = x + gate2 * layer.mlp(_modulate(x, shift2, scale2))
-      new[g] = constrain(x, ("batch", "length", "act_embed"), rules)
-    return new
+    def __call__(self, xs: dict, ctx: dict) -> dict:
+        heads, rules = self.cfg.model.num_heads, self.cfg.sharding_rules
+        qs, ks, vs, mods = [], [], [], {}
+        for g in GROUPS:
+            layer = getattr(self, STREAM_OF[g])
+            mods[g] = jnp.split(layer.mod(ctx["cond"][g]), 6, axis=-1)
+            shift, scale = mods[g][0], mods[g][1]
+            q, k, v = layer.qkv(_modulate(xs[g], shift, scale), heads)
+            qs.append(rope(q, ctx["pos"][g], self.rope_freqs[...]))
+            ks.append(rope(k, ctx["pos"][g], self.rope_freqs[...]))
+            vs.append(v)
+        q, k, v = (jnp.concatenate(a, axis=1) for a in (qs, ks, vs))
+        out = attention(q, k, v, ctx["key_mask"])
+        out = constrain(out, ("batch", "length", "heads", "head_dim"), rules)
+        offsets = list(itertools.accumulate(xs[g].shape[1] for g in GROUPS))[:-1]
+        new = {}
+        for g, o in zip(GROUPS, jnp.split(out, offsets, axis=1)):
+            layer = getattr(self, STREAM_OF[g])
+            _, _, gate1, shift2, scale2, gate2 = mods[g]
+            x = xs[g] + gate1 * layer.o(o.reshape(*o.shape[:2], -1))
+            x = x + gate2 * layer.mlp(_modulate(x, shift2, scale2))
+            new[g] = constrain(x, ("batch", "length", "act_embed"), rules)
+        return new
 
 
 class TimeEmbedding(nnx.Module):
-  """Sinusoidal features of t, then an MLP: one conditioning vector per token."""
+    """Sinusoidal features of t, then an MLP: one conditioning vector per token."""
 
-  def __init__(self, cfg, rngs):
-    d = cfg.model.time_dim
-    self.dim = d
-    self.fc1 = _linear(cfg, d, d, ("cond", "embed"), rngs)
-    self.fc2 = _linear(cfg, d, d, ("cond", "embed"), rngs)
+    def __init__(self, cfg, rngs):
+        d = cfg.model.time_dim
+        self.dim = d
+        self.fc1 = _linear(cfg, d, d, ("cond", "embed"), rngs)
+        self.fc2 = _linear(cfg, d, d, ("cond", "embed"), rngs)
 
-  def __call__(self, t):
-    half = self.dim // 2
-    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / half)
-    args = (1000.0 * t.astype(jnp.float32))[..., None] * freqs
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
-    return nnx.silu(self.fc2(nnx.silu(self.fc1(emb))))
+    def __call__(self, t):
+        half = self.dim // 2
+        freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / half)
+        args = (1000.0 * t.astype(jnp.float32))[..., None] * freqs
+        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
+        return nnx.silu(self.fc2(nnx.silu(self.fc1(emb))))
 
 
 class OutputHead(nnx.Module):
-  """Final adaLN (shift, scale) and a zero-initialised projection to the velocity."""
+    """Final adaLN (shift, scale) and a zero-initialised projection to the velocity."""
 
-  def __init__(self, cfg, width, dout, rngs):
-    self.mod = _linear(cfg, cfg.model.time_dim, 2 * width, ("cond", "embed"), rngs, zero=True)
-    self.proj = _linear(cfg, width, dout, ("embed", "io"), rngs, zero=True)
+    def __init__(self, cfg, width, dout, rngs):
+        self.mod = _linear(cfg, cfg.model.time_dim, 2 * width, ("cond", "embed"), rngs, zero=True)
+        self.proj = _linear(cfg, width, dout, ("embed", "io"), rngs, zero=True)
 
-  def __call__(self, x, cond):
-    shift, scale = jnp.split(self.mod(cond), 2, axis=-1)
-    return self.proj(_modulate(x, shift, scale)).astype(jnp.float32)
+    def __call__(self, x, cond):
+        shift, scale = jnp.split(self.mod(cond), 2, axis=-1)
+        return self.proj(_modulate(x, shift, scale)).astype(jnp.float32)
 
 
 class DiT(nnx.Module):
-  """Streams in, velocities of the generated streams (audio, video) out."""
+    """Streams in, velocities of the generated streams (audio, video) out."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
-    m, d = cfg.model, cfg.data
-    self.cfg = cfg
-    w = stream_widths(cfg)
-    patch_dim = m.patch * m.patch * d.channels
-    self.video_in = _linear(cfg, patch_dim, w["video"], ("io", "embed"), rngs)
-    self.audio_in = _linear(cfg, d.audio_features, w["audio"], ("io", "embed"), rngs)
-    if m.text_encoder == "bytes":
-      self.text_in = nnx.Embed(
-          m.text_vocab, w["text"], rngs=rngs, param_dtype=DTYPES[m.param_dtype],
-          embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "io")))
-      self.text_pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d.text_len, w["text"])),
-                                out_sharding=(None, "io"))
-    else:
-      self.text_in = _linear(cfg, m.text_embed_dim, w["text"], ("io", "embed"), rngs)
-    self.time = TimeEmbedding(cfg, rngs)
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        m, d = cfg.model, cfg.data
+        self.cfg = cfg
+        w = stream_widths(cfg)
+        patch_dim = m.patch * m.patch * d.channels
+        self.video_in = _linear(cfg, patch_dim, w["video"], ("io", "embed"), rngs)
+        self.audio_in = _linear(cfg, d.audio_features, w["audio"], ("io", "embed"), rngs)
+        if m.text_encoder == "bytes":
+            self.text_in = nnx.Embed(
+                m.text_vocab,
+                w["text"],
+                rngs=rngs,
+                param_dtype=DTYPES[m.param_dtype],
+                embedding_init=nnx.with_partitioning(
+                    nnx.initializers.normal(0.02), ("vocab", "io")
+                ),
+            )
+            self.text_pos = nnx.Param(
+                0.02 * jax.random.normal(rngs.params(), (d.text_len, w["text"])),
+                out_sharding=(None, "io"),
+            )
+        else:
+            self.text_in = _linear(cfg, m.text_embed_dim, w["text"], ("io", "embed"), rngs)
+        self.time = TimeEmbedding(cfg, rngs)
 
-    @nnx.split_rngs(splits=m.depth)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return Block(cfg, rngs)
+        @nnx.split_rngs(splits=m.depth)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
 
-    self.blocks = make_blocks(rngs)
-    self.video_out = OutputHead(cfg, w["video"], patch_dim, rngs)
-    self.audio_out = OutputHead(cfg, w["audio"], d.audio_features, rngs)
+        self.blocks = make_blocks(rngs)
+        self.video_out = OutputHead(cfg, w["video"], patch_dim, rngs)
+        self.audio_out = OutputHead(cfg, w["audio"], d.audio_features, rngs)
 
-  def embed(self, streams: dict[str, Stream]) -> dict:
-    dtype = DTYPES[self.cfg.model.dtype]
-    text = streams["text"].x
-    if self.cfg.model.text_encoder == "bytes":
-      text = self.text_in(text) + self.text_pos[: text.shape[1]]
-    else:
-      text = self.text_in(text)
-    xs = {"video": self.video_in(streams["video"].x), "ref": self.video_in(streams["ref"].x),
-          "audio": self.audio_in(streams["audio"].x), "text": text}
-    return {g: x.astype(dtype) for g, x in xs.items()}
+    def embed(self, streams: dict[str, Stream]) -> dict:
+        dtype = DTYPES[self.cfg.model.dtype]
+        text = streams["text"].x
+        if self.cfg.model.text_encoder == "bytes":
+            text = self.text_in(text) + self.text_pos[: text.shape[1]]
+        else:
+            text = self.text_in(text)
+        xs = {
+            "video": self.video_in(streams["video"].x),
+            "ref": self.video_in(streams["ref"].x),
+            "audio": self.audio_in(streams["audio"].x),
+            "text": text,
+        }
+        return {g: x.astype(dtype) for g, x in xs.items()}
 
-  def run_blocks(self, xs, ctx):
-    policy = REMAT_POLICIES[self.cfg.model.remat]
+    def run_blocks(self, xs, ctx):
+        policy = REMAT_POLICIES[self.cfg.model.remat]
 
-    def body(block, x):
-      return block(x, ctx)
+        def body(block, x):
+            return block(x, ctx)
 
-    if self.cfg.model.remat != "none":
-      body = nnx.remat(body, policy=policy)
-    if self.cfg.model.scan_layers:
-      scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-      return scan(self.blocks, xs)
-    graphdef, state = nnx.split(self.blocks)  # same stacked weights, a Python loop
-    for i in range(self.cfg.model.depth):
-      xs = body(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)), xs)
-    return xs
+        if self.cfg.model.remat != "none":
+            body = nnx.remat(body, policy=policy)
+        if self.cfg.model.scan_layers:
+            scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            return scan(self.blocks, xs)
+        graphdef, state = nnx.split(self.blocks)  # same stacked weights, a Python loop
+        for i in range(self.cfg.model.depth):
+            xs = body(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)), xs)
+        return xs
 
-  def __call__(self, streams: dict[str, Stream]) -> dict[str, jax.Array]:
-    dtype = DTYPES[self.cfg.model.dtype]
-    ctx = {
-        "cond": {g: self.time(s.t).astype(dtype) for g, s in streams.items()},
-        "pos": {g: s.pos for g, s in streams.items()},
-        "key_mask": jnp.concatenate([streams[g].mask for g in GROUPS], axis=1),
-    }
-    xs = self.run_blocks(self.embed(streams), ctx)
-    return {"video": self.video_out(xs["video"], ctx["cond"]["video"]),
-            "audio": self.audio_out(xs["audio"], ctx["cond"]["audio"])}
+    def __call__(self, streams: dict[str, Stream]) -> dict[str, jax.Array]:
+        dtype = DTYPES[self.cfg.model.dtype]
+        ctx = {
+            "cond": {g: self.time(s.t).astype(dtype) for g, s in streams.items()},
+            "pos": {g: s.pos for g, s in streams.items()},
+            "key_mask": jnp.concatenate([streams[g].mask for g in GROUPS], axis=1),
+        }
+        xs = self.run_blocks(self.embed(streams), ctx)
+        return {
+            "video": self.video_out(xs["video"], ctx["cond"]["video"]),
+            "audio": self.audio_out(xs["audio"], ctx["cond"]["audio"]),
+        }
 
 
 assert set(GENERATED) == {"video", "audio"}

@@ -12,6 +12,7 @@ Audio tokens sit on the video's time axis (h = w = 0), so synchrony is a relativ
 position the attention sees. Text has no rotary position (its order comes from a
 learned embedding in the text stream); the reference image sits at `model.ref_time`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,68 +32,69 @@ PAD, BOS, EOS = 0, 1, 2  # byte b is token b + 3
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Stream:
-  x: jax.Array      # [B, N, D] values (int ids [B, N] for byte text)
-  t: jax.Array      # [B, N] diffusion time per token (0 = clean data, 1 = noise)
-  pos: jax.Array    # [B, N, 3] (time, row, column)
-  mask: jax.Array   # [B, N] bool, False for padding / dropped conditions
+    x: jax.Array  # [B, N, D] values (int ids [B, N] for byte text)
+    t: jax.Array  # [B, N] diffusion time per token (0 = clean data, 1 = noise)
+    pos: jax.Array  # [B, N, 3] (time, row, column)
+    mask: jax.Array  # [B, N] bool, False for padding / dropped conditions
 
-  def replace(self, **kw) -> "Stream":
-    return dataclasses.replace(self, **kw)
+    def replace(self, **kw) -> "Stream":
+        return dataclasses.replace(self, **kw)
 
 
 def encode_text(texts: list[str], length: int) -> np.ndarray:
-  """UTF-8 bytes -> [B, length] token ids with BOS/EOS, truncated and 0-padded."""
-  out = np.zeros((len(texts), length), np.int32)
-  for i, s in enumerate(texts):
-    ids = [BOS] + [b + 3 for b in s.encode("utf-8")][: length - 2] + [EOS]
-    out[i, : len(ids)] = ids
-  return out
+    """UTF-8 bytes -> [B, length] token ids with BOS/EOS, truncated and 0-padded."""
+    out = np.zeros((len(texts), length), np.int32)
+    for i, s in enumerate(texts):
+        ids = [BOS] + [b + 3 for b in s.encode("utf-8")][: length - 2] + [EOS]
+        out[i, : len(ids)] = ids
+    return out
 
 
 def patchify(video: jax.Array, p: int) -> jax.Array:
-  """[B, T, H, W, C] -> [B, T*(H/p)*(W/p), p*p*C], time-major then rows."""
-  b, t, h, w, c = video.shape
-  x = video.reshape(b, t, h // p, p, w // p, p, c)
-  return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t * (h // p) * (w // p), p * p * c)
+    """[B, T, H, W, C] -> [B, T*(H/p)*(W/p), p*p*C], time-major then rows."""
+    b, t, h, w, c = video.shape
+    x = video.reshape(b, t, h // p, p, w // p, p, c)
+    return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t * (h // p) * (w // p), p * p * c)
 
 
 def unpatchify(x: jax.Array, t: int, h: int, w: int, p: int) -> jax.Array:
-  """Inverse of `patchify`."""
-  b, c = x.shape[0], x.shape[-1] // (p * p)
-  x = x.reshape(b, t, h // p, w // p, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
-  return x.reshape(b, t, h, w, c)
+    """Inverse of `patchify`."""
+    b, c = x.shape[0], x.shape[-1] // (p * p)
+    x = x.reshape(b, t, h // p, w // p, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(b, t, h, w, c)
 
 
 def grid_positions(t: int, h: int, w: int, t0: float = 0.0) -> np.ndarray:
-  """[t*h*w, 3] (time, row, column) in the patchify order."""
-  tt, hh, ww = np.meshgrid(np.arange(t) + t0, np.arange(h), np.arange(w), indexing="ij")
-  return np.stack([tt, hh, ww], -1).reshape(-1, 3).astype(np.float32)
+    """[t*h*w, 3] (time, row, column) in the patchify order."""
+    tt, hh, ww = np.meshgrid(np.arange(t) + t0, np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([tt, hh, ww], -1).reshape(-1, 3).astype(np.float32)
 
 
 def batch_to_streams(batch: dict, cfg) -> dict[str, Stream]:
-  """Clean token streams (t = 0) for every group of a batch."""
-  m, p = cfg.model, cfg.model.patch
-  video = batch["video"]
-  b, nt, h, w, _ = video.shape
+    """Clean token streams (t = 0) for every group of a batch."""
+    m, p = cfg.model, cfg.model.patch
+    video = batch["video"]
+    b, nt, h, w, _ = video.shape
 
-  def stream(x, pos, mask=None):
-    n = x.shape[1]
-    pos = jnp.broadcast_to(jnp.asarray(pos), (b, n, 3))
-    mask = jnp.ones((b, n), bool) if mask is None else mask.astype(bool)
-    return Stream(x=x, t=jnp.zeros((b, n), jnp.float32), pos=pos, mask=mask)
+    def stream(x, pos, mask=None):
+        n = x.shape[1]
+        pos = jnp.broadcast_to(jnp.asarray(pos), (b, n, 3))
+        mask = jnp.ones((b, n), bool) if mask is None else mask.astype(bool)
+        return Stream(x=x, t=jnp.zeros((b, n), jnp.float32), pos=pos, mask=mask)
 
-  streams = {
-      "video": stream(patchify(video, p), grid_positions(nt, h // p, w // p)),
-      "ref": stream(patchify(batch["ref"][:, None], p),
-                    grid_positions(1, h // p, w // p, t0=m.ref_time)),
-      "audio": stream(batch["audio"], grid_positions(batch["audio"].shape[1], 1, 1)),
-  }
-  text = batch["text_emb"] if m.text_encoder == "precomputed" else batch["text"]
-  text_mask = batch["text"] != PAD if "text" in batch else jnp.ones(text.shape[:2], bool)
-  streams["text"] = stream(text, np.zeros((text.shape[1], 3), np.float32), text_mask)
-  return streams
+    streams = {
+        "video": stream(patchify(video, p), grid_positions(nt, h // p, w // p)),
+        "ref": stream(
+            patchify(batch["ref"][:, None], p), grid_positions(1, h // p, w // p, t0=m.ref_time)
+        ),
+        "audio": stream(batch["audio"], grid_positions(batch["audio"].shape[1], 1, 1)),
+    }
+    text = batch["text_emb"] if m.text_encoder == "precomputed" else batch["text"]
+    text_mask = batch["text"] != PAD if "text" in batch else jnp.ones(text.shape[:2], bool)
+    streams["text"] = stream(text, np.zeros((text.shape[1], 3), np.float32), text_mask)
+    return streams
 
 
 def streams_to_video(x: jax.Array, cfg, frames: int) -> jax.Array:
-  d = cfg.data
-  return unpatchify(x, frames, d.height, d.width, cfg.model.patch)
+    d = cfg.data
+    return unpatchify(x, frames, d.height, d.width, cfg.model.patch)

@@ -4,6 +4,7 @@ Saves are asynchronous (training goes on while arrays are written) and atomic (a
 directory appears only once complete, so a killed run restores the latest complete one).
 Restores are sharded: every array is read straight into the shards the target mesh wants.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,67 +15,86 @@ import orbax.checkpoint as ocp
 
 
 class CheckpointMismatch(ValueError):
-  """A checkpoint whose arrays do not fit the model the config builds."""
+    """A checkpoint whose arrays do not fit the model the config builds."""
 
 
 def _key(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
 
 
 def _describe(tree) -> dict[str, tuple]:
-  """'opt_state/1/0/mu/blocks/video/q/kernel' -> (shape, dtype), whatever the container types."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key(e) for e in path): (tuple(v.shape), str(v.dtype)) for path, v in flat}
+    """'opt_state/1/0/mu/blocks/video/q/kernel' -> (shape, dtype), whatever the container types."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key(e) for e in path): (tuple(v.shape), str(v.dtype)) for path, v in flat}
 
 
 class Checkpointer:
-  def __init__(self, directory, every: int, keep: int, async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, create=True,
-            enable_async_checkpointing=async_save),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
+    def __init__(self, directory, every: int, keep: int, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=every,
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+            ),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
 
-  def save(self, step: int, state: dict, config, force: bool = False) -> bool:
-    return self.manager.save(
-        step, force=force,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                config=ocp.args.JsonSave(json.loads(config.to_json()))))
+    def save(self, step: int, state: dict, config, force: bool = False) -> bool:
+        return self.manager.save(
+            step,
+            force=force,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(json.loads(config.to_json())),
+            ),
+        )
 
-  def check_fits(self, step: int, abstract: dict) -> None:
-    """Compares stored array shapes with the model's before any restore is attempted."""
-    meta = self.manager.item_metadata(step)["state"]
-    stored = {k: v[0] for k, v in _describe(meta).items()}
-    wanted = {k: v[0] for k, v in _describe(abstract).items()}
-    problems = [f"  missing in checkpoint: {k} {wanted[k]}" for k in wanted.keys() - stored.keys()]
-    problems += [f"  not in model: {k} {stored[k]}" for k in stored.keys() - wanted.keys()]
-    problems += [f"  shape differs: {k} checkpoint {stored[k]} vs model {wanted[k]}"
-                 for k in wanted.keys() & stored.keys() if stored[k] != wanted[k]]
-    if problems:
-      raise CheckpointMismatch(
-          f"checkpoint {self.directory / str(step)} does not fit the config:\n"
-          + "\n".join(sorted(problems)))
+    def check_fits(self, step: int, abstract: dict) -> None:
+        """Compares stored array shapes with the model's before any restore is attempted."""
+        meta = self.manager.item_metadata(step)["state"]
+        stored = {k: v[0] for k, v in _describe(meta).items()}
+        wanted = {k: v[0] for k, v in _describe(abstract).items()}
+        problems = [
+            f"  missing in checkpoint: {k} {wanted[k]}" for k in wanted.keys() - stored.keys()
+        ]
+        problems += [f"  not in model: {k} {stored[k]}" for k in stored.keys() - wanted.keys()]
+        problems += [
+            f"  shape differs: {k} checkpoint {stored[k]} vs model {wanted[k]}"
+            for k in wanted.keys() & stored.keys()
+            if stored[k] != wanted[k]
+        ]
+        if problems:
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory / str(step)} does not fit the config:\n"
+                + "\n".join(sorted(problems))
+            )
 
-  def restore(self, step: int, abstract: dict, shardings: dict) -> dict:
-    """Restores `step` into arrays laid out by `shardings` (any mesh)."""
-    self.check_fits(step, abstract)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return out["state"]
+    def restore(self, step: int, abstract: dict, shardings: dict) -> dict:
+        """Restores `step` into arrays laid out by `shardings` (any mesh)."""
+        self.check_fits(step, abstract)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        return out["state"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -2,6 +2,7 @@
 
 No host sync in the loop: step k's metrics are fetched while step k+1 runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,126 +26,142 @@ log = logging.getLogger("mirage_jax")
 
 
 def measure_peak_flops(n: int = 1024, reps: int = 5) -> float:
-  """FLOP/s of a float32 matmul on one device: the MFU denominator where none is given."""
-  a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
-  mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    out = mm(a)
-  out.block_until_ready()
-  return 2 * n**3 * reps / (time.perf_counter() - t0)
+    """FLOP/s of a float32 matmul on one device: the MFU denominator where none is given."""
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = mm(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def make_source(cfg):
-  if cfg.data.source == "procedural":
-    return ProceduralSource(cfg, jax.process_index(), jax.process_count())
-  raise ValueError(f"unknown data.source '{cfg.data.source}'")
+    if cfg.data.source == "procedural":
+        return ProceduralSource(cfg, jax.process_index(), jax.process_count())
+    raise ValueError(f"unknown data.source '{cfg.data.source}'")
 
 
 def global_batch(local: dict, shard) -> dict:
-  """This process's examples -> one global array per key, split over the data axes."""
-  return {k: jax.make_array_from_process_local_data(shard, local[k]) for k in MODEL_KEYS}
+    """This process's examples -> one global array per key, split over the data axes."""
+    return {k: jax.make_array_from_process_local_data(shard, local[k]) for k in MODEL_KEYS}
 
 
 def tokens_per_example(cfg) -> int:
-  d, p = cfg.data, cfg.model.patch
-  per_frame = (d.height // p) * (d.width // p)
-  return d.frames * per_frame + per_frame + d.frames + d.text_len
+    d, p = cfg.data, cfg.model.patch
+    per_frame = (d.height // p) * (d.width // p)
+    return d.frames * per_frame + per_frame + d.frames + d.text_len
 
 
 class Metrics:
-  """TensorBoard events, a JSON-lines file (one line per step) and a progress bar."""
+    """TensorBoard events, a JSON-lines file (one line per step) and a progress bar."""
 
-  def __init__(self, workdir: pathlib.Path, start: int, total: int):
-    self.tb = SummaryWriter(str(workdir / "tb"))
-    self.lines = open(workdir / "metrics.jsonl", "a")
-    self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    def __init__(self, workdir: pathlib.Path, start: int, total: int):
+        self.tb = SummaryWriter(str(workdir / "tb"))
+        self.lines = open(workdir / "metrics.jsonl", "a")
+        self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
-  def step(self, step: int, values: dict, log_now: bool):
-    values = {k: float(v) for k, v in values.items()}
-    self.lines.write(json.dumps({"step": step, **values}) + "\n")
-    self.lines.flush()
-    self.bar.update(1)
-    if log_now:
-      for k, v in values.items():
-        self.tb.add_scalar(f"train/{k}", v, step)
-      self.bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values.get('steps_per_s', 0):.2f}")
+    def step(self, step: int, values: dict, log_now: bool):
+        values = {k: float(v) for k, v in values.items()}
+        self.lines.write(json.dumps({"step": step, **values}) + "\n")
+        self.lines.flush()
+        self.bar.update(1)
+        if log_now:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+            self.bar.set_postfix(
+                loss=f"{values['loss']:.4f}", sps=f"{values.get('steps_per_s', 0):.2f}"
+            )
 
-  def close(self):
-    self.tb.close()
-    self.lines.close()
-    self.bar.close()
+    def close(self):
+        self.tb.close()
+        self.lines.close()
+        self.bar.close()
 
 
 def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
-  """Trains `cfg` into `workdir`; returns a summary (first/last loss, steps, timings)."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  setup = state_lib.setup(cfg, mesh)
-  ckpt = Checkpointer(workdir / "checkpoints", cfg.train.ckpt_every, cfg.train.keep)
-  latest = ckpt.latest_step()
-  if resume and latest is not None:
-    state = ckpt.restore(latest, setup.abstract, setup.shardings)
-    log.info("resumed from step %d", latest)
-  else:
-    if latest is not None:
-      raise FileExistsError(f"{ckpt.directory} already holds step {latest}; pass --resume")
-    state = state_lib.init_state(cfg, setup)
-  start = int(state["step"])
+    """Trains `cfg` into `workdir`; returns a summary (first/last loss, steps, timings)."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    setup = state_lib.setup(cfg, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.train.ckpt_every, cfg.train.keep)
+    latest = ckpt.latest_step()
+    if resume and latest is not None:
+        state = ckpt.restore(latest, setup.abstract, setup.shardings)
+        log.info("resumed from step %d", latest)
+    else:
+        if latest is not None:
+            raise FileExistsError(f"{ckpt.directory} already holds step {latest}; pass --resume")
+        state = state_lib.init_state(cfg, setup)
+    start = int(state["step"])
 
-  source = make_source(cfg)
-  shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
-  first = source.batch(start)
-  local_abstract = {k: first[k] for k in MODEL_KEYS}
-  abstract = {k: jax.ShapeDtypeStruct((cfg.data.global_batch,) + v.shape[1:], v.dtype)
-              for k, v in local_abstract.items()}
-  t0 = time.perf_counter()
-  step_fn = compile_step(cfg, setup, abstract)
-  flops = float(step_fn.cost_analysis().get("flops", 0.0))
-  mem = step_fn.memory_analysis()
-  peak = cfg.train.peak_flops or measure_peak_flops()
-  log.info("compiled step in %.1fs: %.3g FLOPs/device/step, temp %.1f MiB, args %.1f MiB; "
-           "peak %.3g FLOP/s/device", time.perf_counter() - t0, flops,
-           mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20, peak)
-  n_params = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
-  log.info("%s parameters; mesh %s", f"{n_params:,}", dict(mesh.shape))
+    source = make_source(cfg)
+    shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
+    first = source.batch(start)
+    local_abstract = {k: first[k] for k in MODEL_KEYS}
+    abstract = {
+        k: jax.ShapeDtypeStruct((cfg.data.global_batch,) + v.shape[1:], v.dtype)
+        for k, v in local_abstract.items()
+    }
+    t0 = time.perf_counter()
+    step_fn = compile_step(cfg, setup, abstract)
+    flops = float(step_fn.cost_analysis().get("flops", 0.0))
+    mem = step_fn.memory_analysis()
+    peak = cfg.train.peak_flops or measure_peak_flops()
+    log.info(
+        "compiled step in %.1fs: %.3g FLOPs/device/step, temp %.1f MiB, args %.1f MiB; "
+        "peak %.3g FLOP/s/device",
+        time.perf_counter() - t0,
+        flops,
+        mem.temp_size_in_bytes / 2**20,
+        mem.argument_size_in_bytes / 2**20,
+        peak,
+    )
+    n_params = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
+    log.info("%s parameters; mesh %s", f"{n_params:,}", dict(mesh.shape))
 
-  metrics = Metrics(workdir, start, cfg.train.steps)
-  tokens = tokens_per_example(cfg) * cfg.data.global_batch
-  pending, losses, saved = None, [], False
-  window = {"steps": 0, "t0": time.perf_counter()}
-  batch = global_batch(first, shard)
-  with jax.set_mesh(mesh):
-    for step in range(start, cfg.train.steps):
-      state, out = step_fn(state, batch)
-      saved = ckpt.save(step + 1, state, cfg)
-      if step + 1 < cfg.train.steps:
-        batch = global_batch(source.batch(step + 1), shard)  # host work overlaps the step
-      if pending is not None:  # the previous step's metrics: one step late, no sync now
-        losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
-      pending = (step, out)
-    if pending is not None:
-      jax.block_until_ready(pending[1])
-      losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
-  if not saved and start < cfg.train.steps:
-    ckpt.save(cfg.train.steps, state, cfg, force=True)
-  ckpt.close()
-  metrics.close()
-  return {"steps": cfg.train.steps, "start": start, "losses": losses,
-          "params": n_params, "flops_per_step": flops, "state": state}
+    metrics = Metrics(workdir, start, cfg.train.steps)
+    tokens = tokens_per_example(cfg) * cfg.data.global_batch
+    pending, losses, saved = None, [], False
+    window = {"steps": 0, "t0": time.perf_counter()}
+    batch = global_batch(first, shard)
+    with jax.set_mesh(mesh):
+        for step in range(start, cfg.train.steps):
+            state, out = step_fn(state, batch)
+            saved = ckpt.save(step + 1, state, cfg)
+            if step + 1 < cfg.train.steps:
+                batch = global_batch(source.batch(step + 1), shard)  # host work overlaps the step
+            if pending is not None:  # the previous step's metrics: one step late, no sync now
+                losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
+            pending = (step, out)
+        if pending is not None:
+            jax.block_until_ready(pending[1])
+            losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
+    if not saved and start < cfg.train.steps:
+        ckpt.save(cfg.train.steps, state, cfg, force=True)
+    ckpt.close()
+    metrics.close()
+    return {
+        "steps": cfg.train.steps,
+        "start": start,
+        "losses": losses,
+        "params": n_params,
+        "flops_per_step": flops,
+        "state": state,
+    }
 
 
 def _emit(metrics, pending, cfg, flops, peak, tokens, window):
-  """Logs one step's metrics; speed is averaged over the steps since the last log line."""
-  step, out = pending
-  values = jax.device_get(out)
-  window["steps"] += 1
-  dt = max(time.perf_counter() - window["t0"], 1e-9) / window["steps"]
-  values.update(steps_per_s=1.0 / dt, tokens_per_s=tokens / dt, mfu=flops / dt / peak)
-  log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
-  metrics.step(step + 1, values, log_now)
-  if log_now:
-    window.update(steps=0, t0=time.perf_counter())
-  return float(values["loss"])
+    """Logs one step's metrics; speed is averaged over the steps since the last log line."""
+    step, out = pending
+    values = jax.device_get(out)
+    window["steps"] += 1
+    dt = max(time.perf_counter() - window["t0"], 1e-9) / window["steps"]
+    values.update(steps_per_s=1.0 / dt, tokens_per_s=tokens / dt, mfu=flops / dt / peak)
+    log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+    metrics.step(step + 1, values, log_now)
+    if log_now:
+        window.update(steps=0, t0=time.perf_counter())
+    return float(values["loss"])

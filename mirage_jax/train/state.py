@@ -6,6 +6,7 @@ step, so per-step Python work is one dispatch. The state is never built unsharde
 `jax.eval_shape(init)` gives shapes, the rules give shardings, and `jax.jit(init,
 out_shardings=...)` materialises every array directly in its shards.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,57 +21,69 @@ from mirage_jax.model.dit import DiT
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  """AdamW on float32 moments, warm-up then cosine decay, global-norm clipping."""
-  o = cfg.optim
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-      decay_steps=max(cfg.train.steps, o.warmup_steps + 1), end_value=o.lr * o.end_lr_ratio)
-  tx = optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mu_dtype=jnp.float32))
-  return tx, schedule
+    """AdamW on float32 moments, warm-up then cosine decay, global-norm clipping."""
+    o = cfg.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.lr,
+        warmup_steps=o.warmup_steps,
+        decay_steps=max(cfg.train.steps, o.warmup_steps + 1),
+        end_value=o.lr * o.end_lr_ratio,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mu_dtype=jnp.float32),
+    )
+    return tx, schedule
 
 
 @dataclasses.dataclass
 class Setup:
-  """What the loop needs about the state: how to rebuild the model, and where arrays live."""
-  graphdef: nnx.GraphDef
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  abstract: dict        # ShapeDtypeStructs of the state
-  shardings: dict       # NamedShardings of the state
-  mesh: jax.sharding.Mesh
+    """What the loop needs about the state: how to rebuild the model, and where arrays live."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract: dict  # ShapeDtypeStructs of the state
+    shardings: dict  # NamedShardings of the state
+    mesh: jax.sharding.Mesh
 
 
 def _init_fn(cfg, tx):
-  def init(key):
-    k_model, k_train = jax.random.split(key)
-    model = DiT(cfg, nnx.Rngs(params=k_model))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return dict(step=jnp.zeros((), jnp.int32), rng=k_train, params=params,
-                opt_state=tx.init(params), ema=jax.tree.map(jnp.copy, params))
-  return init
+    def init(key):
+        k_model, k_train = jax.random.split(key)
+        model = DiT(cfg, nnx.Rngs(params=k_model))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return dict(
+            step=jnp.zeros((), jnp.int32),
+            rng=k_train,
+            params=params,
+            opt_state=tx.init(params),
+            ema=jax.tree.map(jnp.copy, params),
+        )
+
+    return init
 
 
 def abstract_model(cfg) -> nnx.Module:
-  return nnx.eval_shape(lambda: DiT(cfg, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: DiT(cfg, nnx.Rngs(0)))
 
 
 def setup(cfg, mesh) -> Setup:
-  tx, schedule = make_optimizer(cfg)
-  model = abstract_model(cfg)
-  graphdef = nnx.graphdef(model)
-  key = jax.random.key_data(jax.random.key(cfg.seed))
-  abstract = jax.eval_shape(_init_fn(cfg, tx), key)
-  shardings = sharding.state_shardings(model, abstract, tx, mesh, cfg.sharding_rules)
-  return Setup(graphdef, tx, schedule, abstract, shardings, mesh)
+    tx, schedule = make_optimizer(cfg)
+    model = abstract_model(cfg)
+    graphdef = nnx.graphdef(model)
+    key = jax.random.key_data(jax.random.key(cfg.seed))
+    abstract = jax.eval_shape(_init_fn(cfg, tx), key)
+    shardings = sharding.state_shardings(model, abstract, tx, mesh, cfg.sharding_rules)
+    return Setup(graphdef, tx, schedule, abstract, shardings, mesh)
 
 
 def init_state(cfg, s: Setup) -> dict:
-  key = jax.random.key_data(jax.random.key(cfg.seed))
-  return jax.jit(_init_fn(cfg, s.tx), out_shardings=s.shardings)(key)
+    key = jax.random.key_data(jax.random.key(cfg.seed))
+    return jax.jit(_init_fn(cfg, s.tx), out_shardings=s.shardings)(key)
 
 
 def count_params(cfg) -> int:
-  model = abstract_model(cfg)
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    model = abstract_model(cfg)
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -4,6 +4,7 @@ A pure function of (state, batch); `compile_step` jits it with explicit in/out s
 and the state donated, and compiles it once ahead of time so its memory and FLOPs can be
 logged (the same lowering is what a pod planner needs).
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,60 +19,77 @@ MODEL_KEYS = ("video", "audio", "text", "ref")
 
 
 def batch_loss(model, batch: dict, key, cfg):
-  """Rectified-flow loss of one batch: tokens, task/time/noise draw, velocity error."""
-  streams = batch_to_streams(batch, cfg)
-  noised, targets, weights = flow.training_inputs(key, streams, cfg)
-  return flow.loss_fn(model(noised), targets, weights)
+    """Rectified-flow loss of one batch: tokens, task/time/noise draw, velocity error."""
+    streams = batch_to_streams(batch, cfg)
+    noised, targets, weights = flow.training_inputs(key, streams, cfg)
+    return flow.loss_fn(model(noised), targets, weights)
 
 
 def make_train_step(cfg, s):
-  accum = cfg.train.grad_accum
-  rules = cfg.sharding_rules
+    accum = cfg.train.grad_accum
+    rules = cfg.sharding_rules
 
-  def loss_of(params, batch, key):
-    return batch_loss(nnx.merge(s.graphdef, params), batch, key, cfg)
+    def loss_of(params, batch, key):
+        return batch_loss(nnx.merge(s.graphdef, params), batch, key, cfg)
 
-  def train_step(state, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    params = state["params"]
-    # Micro-batches on a leading axis, still split over the data axes.
-    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-    micro = jax.tree.map(lambda x: sharding.constrain(
-        x, (None, "batch") + (None,) * (x.ndim - 2), rules), micro)
+    def train_step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        params = state["params"]
+        # Micro-batches on a leading axis, still split over the data axes.
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        micro = jax.tree.map(
+            lambda x: sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2), rules), micro
+        )
 
-    def accumulate(carry, inputs):
-      i, mb = inputs
-      (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(
-          params, mb, jax.random.fold_in(key, i))
-      acc = jax.tree.map(jnp.add, carry, (grads, loss, parts))
-      return acc, None
+        def accumulate(carry, inputs):
+            i, mb = inputs
+            (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(
+                params, mb, jax.random.fold_in(key, i)
+            )
+            acc = jax.tree.map(jnp.add, carry, (grads, loss, parts))
+            return acc, None
 
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()),
-             {"audio": jnp.zeros(()), "video": jnp.zeros(())})
-    (grads, loss, parts), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
-    grads, loss, parts = jax.tree.map(lambda x: x / accum, (grads, loss, parts))
+        zeros = (
+            jax.tree.map(jnp.zeros_like, params),
+            jnp.zeros(()),
+            {"audio": jnp.zeros(()), "video": jnp.zeros(())},
+        )
+        (grads, loss, parts), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+        grads, loss, parts = jax.tree.map(lambda x: x / accum, (grads, loss, parts))
 
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = s.tx.update(grads, state["opt_state"], params)
-    params = optax.apply_updates(params, updates)
-    decay = cfg.optim.ema_decay
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-    new = dict(step=state["step"] + 1, rng=state["rng"], params=params,
-               opt_state=opt_state, ema=ema)
-    metrics = {"loss": loss, "loss_video": parts["video"], "loss_audio": parts["audio"],
-               "grad_norm": grad_norm, "lr": s.schedule(state["step"])}
-    return new, metrics
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = s.tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        decay = cfg.optim.ema_decay
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
+        new = dict(
+            step=state["step"] + 1, rng=state["rng"], params=params, opt_state=opt_state, ema=ema
+        )
+        metrics = {
+            "loss": loss,
+            "loss_video": parts["video"],
+            "loss_audio": parts["audio"],
+            "grad_norm": grad_norm,
+            "lr": s.schedule(state["step"]),
+        }
+        return new, metrics
 
-  return train_step
+    return train_step
 
 
 def compile_step(cfg, s, batch_abstract: dict):
-  """AOT-compiled step: jit with explicit shardings, donated state."""
-  shard = sharding.batch_sharding(s.mesh, cfg.sharding_rules)
-  batch_sh = {k: shard for k in batch_abstract}
-  jitted = jax.jit(make_train_step(cfg, s), in_shardings=(s.shardings, batch_sh),
-                   out_shardings=(s.shardings, None), donate_argnums=0)
-  with jax.set_mesh(s.mesh):
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard)
-                      for k, v in batch_abstract.items()}
-    return jitted.lower(s.abstract, abstract_batch).compile()
+    """AOT-compiled step: jit with explicit shardings, donated state."""
+    shard = sharding.batch_sharding(s.mesh, cfg.sharding_rules)
+    batch_sh = {k: shard for k in batch_abstract}
+    jitted = jax.jit(
+        make_train_step(cfg, s),
+        in_shardings=(s.shardings, batch_sh),
+        out_shardings=(s.shardings, None),
+        donate_argnums=0,
+    )
+    with jax.set_mesh(s.mesh):
+        abstract_batch = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard)
+            for k, v in batch_abstract.items()
+        }
+        return jitted.lower(s.abstract, abstract_batch).compile()
