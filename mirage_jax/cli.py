@@ -32,8 +32,39 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def init_distributed(args) -> None:
+    """Joins the multi-process job, or fails: a host that silently trains alone wastes a pod."""
+    if not (args.distributed or args.coordinator):
+        return
+    import jax
+
+    kwargs = {}
+    if args.coordinator:
+        kwargs = dict(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            initialization_timeout=args.init_timeout,
+        )
+        if jax.config.jax_platforms in (None, "", "cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure here must stop the job
+        raise SystemExit(f"mirage-jax: error: jax.distributed.initialize failed: {e}") from e
+    logging.getLogger("mirage_jax").info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
 def _train(args, overrides):
     from mirage_jax.train import loop
+
+    init_distributed(args)
 
     cfg = config_lib.load(args.config, overrides)
     summary = loop.train(cfg, args.workdir, resume=args.resume)
@@ -73,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="configs/*.py with get_config()")
     p.add_argument("--workdir", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--distributed", action="store_true", help="jax.distributed from the cluster (TPU, SLURM)"
+    )
+    p.add_argument("--coordinator", help="host:port of process 0 (explicit multi-process)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
     p.set_defaults(run=_train)
     p = sub.add_parser("demo", help="the README's main job on the built-in data")
     p.add_argument("--workdir", default="demo_out")

@@ -27,7 +27,7 @@ log = logging.getLogger("mirage_jax")
 
 def measure_peak_flops(n: int = 1024, reps: int = 5) -> float:
     """FLOP/s of a float32 matmul on one device: the MFU denominator where none is given."""
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices()[0])
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
     t0 = time.perf_counter()
@@ -55,14 +55,21 @@ def tokens_per_example(cfg) -> int:
 
 
 class Metrics:
-    """TensorBoard events, a JSON-lines file (one line per step) and a progress bar."""
+    """TensorBoard events, a JSON-lines file (one line per step) and a progress bar.
+
+    Written by process 0 only; the values are global (computed under the mesh) anyway.
+    """
 
     def __init__(self, workdir: pathlib.Path, start: int, total: int):
-        self.tb = SummaryWriter(str(workdir / "tb"))
-        self.lines = open(workdir / "metrics.jsonl", "a")
-        self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+        self.active = jax.process_index() == 0
+        if self.active:
+            self.tb = SummaryWriter(str(workdir / "tb"))
+            self.lines = open(workdir / "metrics.jsonl", "a")
+            self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def step(self, step: int, values: dict, log_now: bool):
+        if not self.active:
+            return
         values = {k: float(v) for k, v in values.items()}
         self.lines.write(json.dumps({"step": step, **values}) + "\n")
         self.lines.flush()
@@ -75,6 +82,8 @@ class Metrics:
             )
 
     def close(self):
+        if not self.active:
+            return
         self.tb.close()
         self.lines.close()
         self.bar.close()
