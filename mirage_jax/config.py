@@ -63,8 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.data = dict(
-        source="procedural",  # procedural (in memory) | tfds (ArrayRecord via grain)
-        dataset="synthetic_aroll/small",  # TFDS name/config for source=tfds
+        source="tfds",  # TFDS ArrayRecord shards read by grain (mirage_jax/data/pipeline.py)
+        dataset="synthetic_aroll/tiny",  # TFDS name/config, built by `mirage-jax prepare`
         data_dir="data_dir",  # where `mirage-jax prepare` wrote it
         split="train",
         workers=0,  # grain worker processes (0: in the main process)

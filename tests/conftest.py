@@ -1,11 +1,17 @@
 """Tests run on CPU with 8 fake devices, so sharding is real without an accelerator."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session and the subprocesses it starts: a resumed
+# run then reuses the executable of the run it resumes instead of compiling it again.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mirage_jax_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pathlib  # noqa: E402
 
@@ -16,10 +22,20 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def tiny_cfg():
+def corpus_dir(tmp_path_factory):
+    """The tiny synthetic corpus (48 clips, 16x16), built once per test session."""
+    from mirage_jax.data import synthetic_aroll
+
+    data_dir = tmp_path_factory.mktemp("data")
+    synthetic_aroll.prepare("tiny", str(data_dir), workers=0)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(corpus_dir):
     from mirage_jax import config
 
-    return config.load(REPO / "configs" / "tiny.py")
+    return config.load(REPO / "configs" / "tiny.py", [f"config.data.data_dir={corpus_dir}"])
 
 
 def pytest_configure(config):

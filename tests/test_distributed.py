@@ -16,17 +16,18 @@ def _losses(workdir):
     return np.array([json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")])
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, corpus_dir):
+    args = [*ARGS, f"--config.data.data_dir={corpus_dir}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     one = subprocess.run(
-        [sys.executable, "-m", "mirage_jax.cli", "train", "--workdir", str(tmp_path / "one"), *ARGS],
+        [sys.executable, "-m", "mirage_jax.cli", "train", "--workdir", str(tmp_path / "one"), *args],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
 
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # 2 x 4 = the same 8 devices
     env["BIN"] = f"{sys.executable} -m mirage_jax.cli"
     two = subprocess.run(
-        ["bash", "launch/local_multiprocess.sh", "2", ARGS[1], str(tmp_path / "two"), *ARGS[2:]],
+        ["bash", "launch/local_multiprocess.sh", "2", args[1], str(tmp_path / "two"), *args[2:]],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "process 1 of 2, 4 local / 8 global devices" in two.stderr

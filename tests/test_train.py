@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from mirage_jax import config, sharding
-from mirage_jax.data.procedural import ProceduralSource
+from mirage_jax.data.pipeline import GrainSource
 from mirage_jax.model.dit import DiT
 from mirage_jax.train import state as state_lib
 from mirage_jax.train.step import MODEL_KEYS, batch_loss, compile_step
@@ -26,7 +26,7 @@ def test_one_batch_overfit_drops_loss_10x(tiny_cfg):
     """Same batch, same noise and times every step: the model must memorise it."""
     cfg = config.apply_overrides(tiny_cfg, ["config.data.global_batch=4"])
     batch = {
-        k: jnp.asarray(v) for k, v in ProceduralSource(cfg).batch(0).items() if k in MODEL_KEYS
+        k: jnp.asarray(v) for k, v in GrainSource(cfg).batch(0).items() if k in MODEL_KEYS
     }
     model = DiT(cfg, nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -56,17 +56,16 @@ def _losses_on_mesh(cfg, mesh_axes, devices, steps=3):
     mesh = sharding.make_mesh(cfg.mesh, devices)
     setup = state_lib.setup(cfg, mesh)
     state = state_lib.init_state(cfg, setup)
-    source = ProceduralSource(cfg)
+    source = GrainSource(cfg)
     shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
-    first = source.batch(0)
-    abstract = {k: jax.ShapeDtypeStruct(first[k].shape, first[k].dtype) for k in MODEL_KEYS}
+    batches = [source.batch(i) for i in range(steps)]
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()
+                if k in MODEL_KEYS}
     step_fn = compile_step(cfg, setup, abstract)
     losses = []
     with jax.set_mesh(mesh):
-        for i in range(steps):
-            batch = {
-                k: jax.device_put(v, shard) for k, v in source.batch(i).items() if k in MODEL_KEYS
-            }
+        for local in batches:
+            batch = {k: jax.device_put(v, shard) for k, v in local.items() if k in MODEL_KEYS}
             state, m = step_fn(state, batch)
             losses.append(float(m["loss"]))
     return np.array(losses), state, setup
@@ -100,7 +99,7 @@ def test_fsdp_shards_nearly_all_parameter_bytes():
     assert any(s.spec != jax.sharding.PartitionSpec() for s in opt_leaves)  # moments follow params
 
 
-def _run(workdir, *extra, wait=True):
+def _run(workdir, data_dir, *extra, wait=True):
     cmd = [
         sys.executable,
         "-m",
@@ -113,6 +112,7 @@ def _run(workdir, *extra, wait=True):
         "--config.train.steps=16",
         "--config.train.ckpt_every=4",
         "--config.train.keep=2",
+        f"--config.data.data_dir={data_dir}",
         *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
@@ -131,13 +131,13 @@ def _loss_by_step(workdir):
     return seen
 
 
-def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path):
-    _run(tmp_path / "straight")
+def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, corpus_dir):
+    _run(tmp_path / "straight", corpus_dir)
     straight = _loss_by_step(tmp_path / "straight")
     assert sorted(straight) == list(range(1, 17))
 
     killed = tmp_path / "killed"
-    proc = _run(killed, wait=False)
+    proc = _run(killed, corpus_dir, wait=False)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "8").is_dir():  # orbax renames a step dir when complete
         assert proc.poll() is None and time.time() < deadline, "run ended before step 8 was saved"
@@ -146,7 +146,7 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "checkpoints" / "16").exists()
-    _run(killed, "--resume")
+    _run(killed, corpus_dir, "--resume")
     resumed = _loss_by_step(killed)
     assert sorted(resumed) == list(range(1, 17))
     for step, losses in resumed.items():
@@ -154,6 +154,6 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path):
             assert loss == straight[step][0], (step, loss, straight[step][0])
     assert any(len(v) == 2 for v in resumed.values())  # some steps really ran twice
     # A finished workdir is not silently retrained from scratch.
-    proc = _run(killed, wait=False)
+    proc = _run(killed, corpus_dir, wait=False)
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 2 and "pass --resume" in out

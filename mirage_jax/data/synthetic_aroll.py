@@ -108,6 +108,8 @@ class SyntheticAroll(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [
+        SyntheticArollConfig(name="tiny", description="48 clips of 0.5 s, 16x16, for tests",
+                             num_train=40, num_test=8, frames=12, size=16, num_speakers=8),
         SyntheticArollConfig(name="small", description="352 clips of 2 s, 64x64, 16 speakers",
                              num_train=320, num_test=32, num_speakers=16),
         SyntheticArollConfig(name="large", description="20,000 clips of 2 s, 64x64, 500 speakers",

@@ -13,6 +13,8 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from mirage_jax.data import pipeline
+
 
 class CheckpointMismatch(ValueError):
     """A checkpoint whose arrays do not fit the model the config builds."""
@@ -31,6 +33,10 @@ def _describe(tree) -> dict[str, tuple]:
     return {"/".join(_key(e) for e in path): (tuple(v.shape), str(v.dtype)) for path, v in flat}
 
 
+def _stateful(source) -> bool:
+    return source is not None and hasattr(source, "get_state")
+
+
 class Checkpointer:
     def __init__(self, directory, every: int, keep: int, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
@@ -45,17 +51,22 @@ class Checkpointer:
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
+                "data": pipeline.checkpoint_handler(),
             },
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, config, force: bool = False) -> bool:
+    def save(self, step: int, state: dict, config, source=None, force: bool = False) -> bool:
+        """Saves if `step` is due (or `force`); a stateful data source saves its iterator
+        position with it (each process its own)."""
+        data = {"data": pipeline.checkpoint_args(source)} if _stateful(source) else {}
         return self.manager.save(
             step,
             force=force,
             args=ocp.args.Composite(
+                **data,
                 state=ocp.args.StandardSave(state),
                 config=ocp.args.JsonSave(json.loads(config.to_json())),
             ),
@@ -81,14 +92,23 @@ class Checkpointer:
                 + "\n".join(sorted(problems))
             )
 
-    def restore(self, step: int, abstract: dict, shardings: dict) -> dict:
-        """Restores `step` into arrays laid out by `shardings` (any mesh)."""
+    def restore(self, step: int, abstract: dict, shardings: dict, source=None) -> dict:
+        """Restores `step` into arrays laid out by `shardings` (any mesh), and the data
+        iterator's position into `source` when it has one."""
         self.check_fits(step, abstract)
+        data = {}
+        if _stateful(source):
+            if not (self.directory / str(step) / "data").is_dir():
+                raise CheckpointMismatch(
+                    f"checkpoint {self.directory / str(step)} holds no data iterator state, "
+                    f"but data.source={source.__class__.__name__} needs one"
+                )
+            data = {"data": pipeline.checkpoint_args(source, restore=True)}
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
         out = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            step, args=ocp.args.Composite(**data, state=ocp.args.StandardRestore(target))
         )
         return out["state"]
 

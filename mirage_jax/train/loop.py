@@ -17,7 +17,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from mirage_jax import sharding
-from mirage_jax.data.procedural import ProceduralSource
+from mirage_jax.data.pipeline import GrainSource
 from mirage_jax.train import state as state_lib
 from mirage_jax.train.checkpoint import Checkpointer
 from mirage_jax.train.step import MODEL_KEYS, compile_step
@@ -38,8 +38,8 @@ def measure_peak_flops(n: int = 1024, reps: int = 5) -> float:
 
 
 def make_source(cfg):
-    if cfg.data.source == "procedural":
-        return ProceduralSource(cfg, jax.process_index(), jax.process_count())
+    if cfg.data.source == "tfds":
+        return GrainSource(cfg)
     raise ValueError(f"unknown data.source '{cfg.data.source}'")
 
 
@@ -97,16 +97,15 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     setup = state_lib.setup(cfg, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.train.ckpt_every, cfg.train.keep)
     latest = ckpt.latest_step()
+    source = make_source(cfg)
     if resume and latest is not None:
-        state = ckpt.restore(latest, setup.abstract, setup.shardings)
+        state = ckpt.restore(latest, setup.abstract, setup.shardings, source)
         log.info("resumed from step %d", latest)
     else:
         if latest is not None:
             raise FileExistsError(f"{ckpt.directory} already holds step {latest}; pass --resume")
         state = state_lib.init_state(cfg, setup)
     start = int(state["step"])
-
-    source = make_source(cfg)
     shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
     first = source.batch(start)
     local_abstract = {k: first[k] for k in MODEL_KEYS}
@@ -139,7 +138,7 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     with jax.set_mesh(mesh):
         for step in range(start, cfg.train.steps):
             state, out = step_fn(state, batch)
-            saved = ckpt.save(step + 1, state, cfg)
+            saved = ckpt.save(step + 1, state, cfg, source)
             if step + 1 < cfg.train.steps:
                 batch = global_batch(source.batch(step + 1), shard)  # host work overlaps the step
             if pending is not None:  # the previous step's metrics: one step late, no sync now
@@ -149,7 +148,7 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
             jax.block_until_ready(pending[1])
             losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
     if not saved and start < cfg.train.steps:
-        ckpt.save(cfg.train.steps, state, cfg, force=True)
+        ckpt.save(cfg.train.steps, state, cfg, source, force=True)
     ckpt.close()
     metrics.close()
     return {
