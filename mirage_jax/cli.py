@@ -77,11 +77,56 @@ def _train(args, overrides):
     return 0
 
 
+def _prepare(args, overrides):
+    name, _, variant = args.dataset.partition("/")
+    if name == "synthetic_aroll":
+        from mirage_jax.data import synthetic_aroll
+
+        builder = synthetic_aroll.prepare(
+            variant or "small", args.data_dir, args.num_clips,
+            size=args.size, frames=args.frames, workers=args.workers,
+        )
+        print(f"prepared {builder.info.full_name} in {args.data_dir}: "
+              + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+    elif name == "aroll_folder":
+        from mirage_jax.data import aroll_folder
+
+        if not args.manual_dir:
+            raise config_lib.ConfigError("aroll_folder needs --manual_dir (a folder of videos)")
+        summary = aroll_folder.prepare(
+            args.manual_dir, args.data_dir, size=args.size or 64, clip_frames=args.frames or 50
+        )
+        print(f"prepared aroll_folder/{summary.get('name', '')} in {args.data_dir}: "
+              f"{summary.get('clips')} clips from {summary.get('files_used')} files; "
+              f"skipped {len(summary.get('skipped', []))}")
+        for item in summary.get("skipped", []):
+            print(f"  skipped {item}")
+    else:
+        raise config_lib.ConfigError(
+            f"unknown dataset '{args.dataset}' (synthetic_aroll/<config> or aroll_folder)"
+        )
+    return 0
+
+
+def _bench(args, overrides):
+    from mirage_jax import bench
+
+    cfg = config_lib.load(args.config, overrides)
+    if args.what == "data":
+        r = bench.bench_data_vs_step(cfg, seconds=args.seconds)
+        print(f"pipeline {r['pipeline_examples_per_s']:.1f} examples/s ({r['workers']} workers) vs "
+              f"train step {r['train_step_examples_per_s']:.1f} examples/s: "
+              f"ratio {r['ratio']:.2f}")
+    return 0
+
+
 def _demo(args, overrides):
-    """The main job, for now: train the demo config on the procedural source."""
+    """The main job, for now: build the small synthetic corpus, train the demo config on it."""
+    from mirage_jax.data import synthetic_aroll
     from mirage_jax.train import loop
 
     cfg = config_lib.load(REPO / "configs" / "demo.py", overrides)
+    synthetic_aroll.prepare("small", cfg.data.data_dir, size=cfg.data.height)
     summary = loop.train(cfg, args.workdir, resume=args.resume)
     losses = summary["losses"]
     if losses:
@@ -112,6 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--process-id", type=int)
     p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
     p.set_defaults(run=_train)
+    p = sub.add_parser("prepare", help="build a dataset as ArrayRecord shards")
+    p.add_argument("--dataset", required=True, help="synthetic_aroll/<tiny|small|large> or aroll_folder")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", required=True)
+    p.add_argument("--manual_dir", "--manual-dir", dest="manual_dir", help="videos for aroll_folder")
+    p.add_argument("--num_clips", "--num-clips", dest="num_clips", type=int)
+    p.add_argument("--size", type=int, help="frame side in pixels")
+    p.add_argument("--frames", type=int, help="clip length in frames (25 fps)")
+    p.add_argument("--workers", type=int, help="generator processes (synthetic_aroll)")
+    p.set_defaults(run=_prepare)
+    p = sub.add_parser("bench", help="throughput as ratios measured in one run")
+    p.add_argument("what", choices=["data"])
+    p.add_argument("--config", required=True)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.set_defaults(run=_bench)
     p = sub.add_parser("demo", help="the README's main job on the built-in data")
     p.add_argument("--workdir", default="demo_out")
     p.add_argument("--resume", action="store_true")
