@@ -50,15 +50,12 @@ def test_one_batch_overfit_drops_loss_10x(tiny_cfg):
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
-def _losses_on_mesh(cfg, mesh_axes, devices, steps=3):
-    overrides = [f"config.mesh.{k}={v}" for k, v in zip(("data", "fsdp", "tensor"), mesh_axes)]
-    cfg = config.apply_overrides(cfg, overrides)
+def losses_for(cfg, batches, devices):
+    """Trains `cfg` on the given per-step global batches; returns losses and the final state."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     setup = state_lib.setup(cfg, mesh)
     state = state_lib.init_state(cfg, setup)
-    source = GrainSource(cfg)
     shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
-    batches = [source.batch(i) for i in range(steps)]
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()
                 if k in MODEL_KEYS}
     step_fn = compile_step(cfg, setup, abstract)
@@ -68,15 +65,22 @@ def _losses_on_mesh(cfg, mesh_axes, devices, steps=3):
             batch = {k: jax.device_put(v, shard) for k, v in local.items() if k in MODEL_KEYS}
             state, m = step_fn(state, batch)
             losses.append(float(m["loss"]))
-    return np.array(losses), state, setup
+    return np.array(losses), state
+
+
+def _losses_on_mesh(cfg, mesh_axes, devices, steps=3):
+    overrides = [f"config.mesh.{k}={v}" for k, v in zip(("data", "fsdp", "tensor"), mesh_axes)]
+    cfg = config.apply_overrides(cfg, overrides)
+    source = GrainSource(cfg)
+    return losses_for(cfg, [source.batch(i) for i in range(steps)], devices)
 
 
 def test_same_losses_on_1_device_and_8_device_meshes(tiny_cfg):
     cfg = config.apply_overrides(tiny_cfg, ["config.optim.warmup_steps=1"])
-    ref, ref_state, _ = _losses_on_mesh(cfg, (1, 1, 1), jax.devices()[:1])
+    ref, ref_state = _losses_on_mesh(cfg, (1, 1, 1), jax.devices()[:1])
     assert np.all(np.isfinite(ref)) and ref[0] != ref[-1]
     for axes in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
-        losses, state, setup = _losses_on_mesh(cfg, axes, jax.devices())
+        losses, state = _losses_on_mesh(cfg, axes, jax.devices())
         np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5, err_msg=f"mesh {axes}")
         kernel = state["params"]["blocks"]["video"]["fc1"]["kernel"]
         assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
