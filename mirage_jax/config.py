@@ -14,6 +14,8 @@ import pathlib
 
 import ml_collections
 
+from mirage_jax.model.vae import vae_defaults
+
 # Logical axis -> mesh axes. One table for parameters and activations (MaxText habit).
 # Parameters are FSDP-sharded on their model dimension and tensor-sharded on heads/MLP;
 # the batch is split over every data-like axis.
@@ -40,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     """The schema with defaults (a tiny model). Config files start from this."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.task = "dit"  # which model the train loop builds: dit | vae
 
     c.model = dict(
         depth=2,
@@ -108,6 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
         keep=3,
         peak_flops=0.0,  # FLOP/s for MFU; 0 measures a matmul at start
     )
+
+    c.vae = vae_defaults()  # the video VAE (mirage_jax/model/vae.py)
 
     c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)  # -1: the remaining devices
     c.sharding_rules = DEFAULT_RULES
@@ -203,6 +208,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Cross-field checks that a type system cannot express."""
     m, d = cfg.model, cfg.data
     checks = [
+        (cfg.task in ("dit", "vae"), "task", cfg.task),
         (m.remat in ("none", "full", "save_dots", "offload"), "model.remat", m.remat),
         (m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype),
         (m.param_dtype in ("float32", "bfloat16"), "model.param_dtype", m.param_dtype),

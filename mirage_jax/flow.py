@@ -88,8 +88,8 @@ def loss_fn(velocity: dict, targets: dict, weights: dict):
     total, parts = 0.0, {}
     for g in GENERATED:
         err = jnp.mean(jnp.square(velocity[g].astype(jnp.float32) - targets[g]), axis=-1)
-        parts[g] = jnp.sum(err * weights[g]) / jnp.maximum(jnp.sum(weights[g]), 1.0)
-        total = total + parts[g]
+        parts[f"loss_{g}"] = jnp.sum(err * weights[g]) / jnp.maximum(jnp.sum(weights[g]), 1.0)
+        total = total + parts[f"loss_{g}"]
     return total, parts
 
 

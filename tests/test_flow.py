@@ -121,7 +121,7 @@ def test_loss_only_counts_generated_tokens():
     }
     weights = {"video": jnp.array([[1.0, 1, 0, 0]]), "audio": jnp.zeros((1, 2))}
     loss, parts = flow.loss_fn(v, targets, weights)
-    assert float(loss) == 0.0 and float(parts["audio"]) == 0.0
+    assert float(loss) == 0.0 and float(parts["loss_audio"]) == 0.0
 
 
 def test_guidance_combines_conditions():

@@ -49,7 +49,10 @@ def global_batch(local: dict, shard) -> dict:
 
 
 def tokens_per_example(cfg) -> int:
+    """Sequence length of one example (for the VAE: video frames, so tokens/s is frames/s)."""
     d, p = cfg.data, cfg.model.patch
+    if cfg.task == "vae":
+        return d.frames
     per_frame = (d.height // p) * (d.width // p)
     return d.frames * per_frame + per_frame + d.frames + d.text_len
 

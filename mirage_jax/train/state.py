@@ -18,6 +18,9 @@ from flax import nnx
 
 from mirage_jax import sharding
 from mirage_jax.model.dit import DiT
+from mirage_jax.model.vae import VAE
+
+MODELS = {"dit": DiT, "vae": VAE}
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -52,7 +55,7 @@ class Setup:
 def _init_fn(cfg, tx):
     def init(key):
         k_model, k_train = jax.random.split(key)
-        model = DiT(cfg, nnx.Rngs(params=k_model))
+        model = MODELS[cfg.task](cfg, nnx.Rngs(params=k_model))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return dict(
             step=jnp.zeros((), jnp.int32),
@@ -66,7 +69,7 @@ def _init_fn(cfg, tx):
 
 
 def abstract_model(cfg) -> nnx.Module:
-    return nnx.eval_shape(lambda: DiT(cfg, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: MODELS[cfg.task](cfg, nnx.Rngs(0)))
 
 
 def setup(cfg, mesh) -> Setup:

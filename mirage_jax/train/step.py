@@ -14,12 +14,16 @@ from flax import nnx
 
 from mirage_jax import flow, sharding
 from mirage_jax.model.tokens import batch_to_streams
+from mirage_jax.model.vae import vae_loss
 
 MODEL_KEYS = ("video", "audio", "text", "ref")
 
 
 def batch_loss(model, batch: dict, key, cfg):
-    """Rectified-flow loss of one batch: tokens, task/time/noise draw, velocity error."""
+    """Loss of one batch for `cfg.task`; returns (loss, named parts)."""
+    if cfg.task == "vae":
+        return vae_loss(model, batch, key, cfg)
+    # Rectified flow: tokens, task/time/noise draw, velocity error.
     streams = batch_to_streams(batch, cfg)
     noised, targets, weights = flow.training_inputs(key, streams, cfg)
     return flow.loss_fn(model(noised), targets, weights)
@@ -49,10 +53,12 @@ def make_train_step(cfg, s):
             acc = jax.tree.map(jnp.add, carry, (grads, loss, parts))
             return acc, None
 
+        first = jax.tree.map(lambda x: x[0], micro)
+        parts_shape = jax.eval_shape(loss_of, params, first, key)[1]
         zeros = (
             jax.tree.map(jnp.zeros_like, params),
             jnp.zeros(()),
-            {"audio": jnp.zeros(()), "video": jnp.zeros(())},
+            jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts_shape),
         )
         (grads, loss, parts), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
         grads, loss, parts = jax.tree.map(lambda x: x / accum, (grads, loss, parts))
@@ -65,13 +71,7 @@ def make_train_step(cfg, s):
         new = dict(
             step=state["step"] + 1, rng=state["rng"], params=params, opt_state=opt_state, ema=ema
         )
-        metrics = {
-            "loss": loss,
-            "loss_video": parts["video"],
-            "loss_audio": parts["audio"],
-            "grad_norm": grad_norm,
-            "lr": s.schedule(state["step"]),
-        }
+        metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": s.schedule(state["step"])}
         return new, metrics
 
     return train_step
