@@ -43,7 +43,7 @@ def test_one_batch_overfit_drops_loss_10x(tiny_cfg):
         return optax.apply_updates(params, updates), opt, loss
 
     losses = []
-    for _ in range(150):
+    for _ in range(100):
         params, opt, loss = step(params, opt)
         losses.append(float(loss))
     print("overfit", losses[::10])

@@ -14,7 +14,7 @@ from mirage_jax.model import vae as V
 
 def make_cfg(**vae):
     d = V.vae_defaults()
-    d.update(widths=(8, 16, 16), norm_groups=4)
+    d.update(widths=(8, 16, 16))
     d.update(vae)
     return ml_collections.ConfigDict(
         {"vae": d, "model": {"dtype": "float32", "param_dtype": "float32"}})
