@@ -1,7 +1,6 @@
 """Training: one-batch overfit, mesh equivalence, sharded state, kill-and-resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from mirage_jax import config, sharding

@@ -12,7 +12,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
