@@ -1,6 +1,9 @@
 """`mirage-jax` command line: one entry point, one subcommand per job.
 
+mirage-jax prepare --dataset synthetic_aroll/small --data_dir DATA
 mirage-jax train --config configs/tiny.py --config.model.depth=4 --workdir DIR [--resume]
+mirage-jax encode --vae VAE_RUN --dataset synthetic_aroll/small --data_dir DATA
+mirage-jax bench data --config configs/demo.py
 mirage-jax demo  [--workdir demo_out]
 """
 
@@ -108,6 +111,26 @@ def _prepare(args, overrides):
     return 0
 
 
+def _encode(args, overrides):
+    """Caches a dataset's VAE latents (and audio features) as a new ArrayRecord dataset."""
+    from mirage_jax.data import latent_dataset
+    from mirage_jax.latents import Codec
+
+    codec = Codec(args.vae)
+    summary = latent_dataset.encode(
+        codec, args.dataset, args.data_dir, args.out or args.data_dir,
+        audio_features=args.audio_features, batch=args.batch,
+    )
+    rep = codec.report
+    print(f"encoded {args.dataset} with the VAE at {args.vae} (step {codec.step}; held-out PSNR "
+          f"{rep['psnr_test']:.2f} dB, mouth {rep['psnr_mouth_test']:.2f} dB): "
+          f"{summary['dataset']} in {summary['data_dir']}, "
+          + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
+    print(f"train on it with --config.data.video=latents --config.data.dataset={summary['dataset']}"
+          f" --config.data.data_dir={summary['data_dir']}")
+    return 0
+
+
 def _bench(args, overrides):
     from mirage_jax import bench
 
@@ -166,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, help="clip length in frames (25 fps)")
     p.add_argument("--workers", type=int, help="generator processes (synthetic_aroll)")
     p.set_defaults(run=_prepare)
+    p = sub.add_parser("encode", help="cache a dataset's VAE latents for the DiT")
+    p.add_argument("--vae", required=True, help="workdir (or checkpoints dir) of a VAE run")
+    p.add_argument("--dataset", required=True, help="pixel dataset, e.g. synthetic_aroll/small")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", required=True)
+    p.add_argument("--out", help="data_dir for the latents (default: --data_dir)")
+    p.add_argument("--audio-features", type=int, default=32, help="log-mel bins per frame")
+    p.add_argument("--batch", type=int, default=8, help="clips encoded at once")
+    p.set_defaults(run=_encode)
     p = sub.add_parser("bench", help="throughput as ratios measured in one run")
     p.add_argument("what", choices=["data"])
     p.add_argument("--config", required=True)

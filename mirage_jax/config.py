@@ -14,6 +14,7 @@ import pathlib
 
 import ml_collections
 
+from mirage_jax.model.tokens import video_shape
 from mirage_jax.model.vae import vae_defaults
 
 # Logical axis -> mesh axes. One table for parameters and activations (MaxText habit).
@@ -43,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = "dit"  # which model the train loop builds: dit | vae
+    c.vae_checkpoint = ""  # a VAE run's workdir: encodes pixels (data.video='encode'), decodes samples
 
     c.model = dict(
         depth=2,
@@ -70,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
         dataset="synthetic_aroll/tiny",  # TFDS name/config, built by `mirage-jax prepare`
         data_dir="data_dir",  # where `mirage-jax prepare` wrote it
         split="train",
+        # What the DiT's video stream sees: 'pixels' (patches of frames), 'latents' (cached VAE
+        # latents written by `mirage-jax encode`) or 'encode' (pixels encoded on the fly by
+        # the VAE at `vae_checkpoint`). With latents, data.frames counts video frames (1 + k*r)
+        # and the audio window is (1 + k) * r frames, r - 1 of them before the first frame.
+        video="pixels",
         workers=0,  # grain worker processes (0: in the main process)
         random_flip=False,  # augmentation, off by default
         frames=4,  # video frames per training window (25 fps)
@@ -209,12 +216,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     m, d = cfg.model, cfg.data
     checks = [
         (cfg.task in ("dit", "vae"), "task", cfg.task),
+        (d.video in ("pixels", "latents", "encode"), "data.video", d.video),
+        (d.video != "encode" or bool(cfg.vae_checkpoint), "vae_checkpoint", cfg.vae_checkpoint),
+        (d.video == "pixels" or not d.random_flip, "data.random_flip", d.random_flip),
+        (d.video == "pixels" or (d.frames - 1) % cfg.vae.temporal_factor == 0, "data.frames",
+         d.frames),
         (m.remat in ("none", "full", "save_dots", "offload"), "model.remat", m.remat),
         (m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype),
         (m.param_dtype in ("float32", "bfloat16"), "model.param_dtype", m.param_dtype),
         (m.text_encoder in ("bytes", "precomputed"), "model.text_encoder", m.text_encoder),
         (m.head_dim % 2 == 0, "model.head_dim", m.head_dim),
-        (d.height % m.patch == 0 and d.width % m.patch == 0, "model.patch", m.patch),
+        (all(n % m.patch == 0 for n in video_shape(cfg)[1:3]), "model.patch", m.patch),
         (d.global_batch % cfg.train.grad_accum == 0, "train.grad_accum", cfg.train.grad_accum),
         (cfg.flow.p_joint + cfg.flow.p_video_to_audio <= 1.0, "flow.p_joint", cfg.flow.p_joint),
     ]
@@ -225,3 +237,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     return apply_overrides(load_file(path), list(overrides))
+
+
+def from_dict(values: dict, where: str = "stored config") -> ml_collections.ConfigDict:
+    """A config saved as JSON (e.g. in a checkpoint) back into the schema, lists as tuples.
+    Keys the schema has since gained keep their defaults; unknown keys are named."""
+
+    def tuples(x):
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    def fill(node, vals, prefix):
+        for key, value in vals.items():
+            if key not in node:
+                raise ConfigError(f"{where}: unknown config key '{prefix}{key}'")
+            if isinstance(node[key], ml_collections.ConfigDict):
+                fill(node[key], value, f"{prefix}{key}.")
+            else:
+                with node.unlocked():
+                    node[key] = tuples(value)
+
+    cfg = base_config()
+    fill(cfg, values, "")
+    validate(cfg)
+    return cfg
+

@@ -162,18 +162,21 @@ def test_wrong_stored_size_is_named(data_dir):
         pipeline.GrainSource(make_cfg(data_dir, height=64, width=64))
 
 
-def test_precomputed_features_and_latents():
-    t = pipeline.ClipTransform(
-        frames=4, height=8, width=8, audio_features=6, text_len=10, random_flip=False, dataset="x"
-    )
+def test_precomputed_features_are_windowed_with_the_video():
+    c = base_config()
+    with c.unlocked():
+        c.data.update(frames=4, height=8, width=8, audio_features=6, text_len=10)
+    t = pipeline.ClipTransform(c)
     feats = np.arange(10 * 6, dtype=np.float32).reshape(10, 6)
-    latents = np.random.default_rng(0).normal(size=(10, 8, 8, 12)).astype(np.float32)
-    rec = {"latents": latents, "audio_features": feats, "caption": b"hi", "_index": 7}
+    video = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
+    rec = {"video": video, "audio_features": feats, "caption": b"hi", "_index": 7}
     out = t.random_map(rec, np.random.default_rng(1))
     s = int(out["audio"][0, 0]) // 6
     np.testing.assert_array_equal(out["audio"], feats[s : s + 4])
-    np.testing.assert_array_equal(out["video"], latents[s : s + 4])
-    np.testing.assert_array_equal(out["ref"], latents[s + int(out["ref_time"])])
+    np.testing.assert_allclose(out["video"][:, 0, 0, 0], np.arange(s, s + 4) / 127.5 - 1.0, atol=1e-6)
+    ref = s + int(out["ref_time"])
+    assert not s <= ref < s + 4
+    np.testing.assert_allclose(out["ref"][0, 0, 0], ref / 127.5 - 1.0)
     assert out["index"] == 7 and list(out["text"][:4]) == [1, 104 + 3, 105 + 3, 2]
 
 

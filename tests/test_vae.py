@@ -106,21 +106,10 @@ def test_loss_parts_and_kl():
     np.testing.assert_allclose(kl, 0.5 * (1.0 + 0.25 - 1.0 - np.log(0.25)), rtol=1e-6)
 
 
-def test_psnr_and_latent_stats():
+def test_psnr():
     a = jnp.zeros((1, 2, 6, 4, 3))
     np.testing.assert_allclose(V.psnr(a + 0.2, a), 20.0, rtol=1e-5)  # 0.1 on [0,1]: 20 dB
-    b = a.at[:, :, 4:].set(0.2)  # error only in the lower third (rows 4, 5 of 6)
-    assert float(V.psnr_region(b, a)) == pytest.approx(20.0, rel=1e-5)
-    assert float(V.psnr_region(b, a, rows=slice(0, 4))) > 100.0
-    model = V.VAE(make_cfg(), nnx.Rngs(0))
-    batches = [{"video": video(jax.random.key(i), 5)} for i in range(3)]
-    stats = V.latent_stats(model, batches)
-    z = jnp.concatenate([model.encode(b["video"])[0] for b in batches]).reshape(-1, 8)
-    np.testing.assert_allclose(stats[0], z.mean(0), atol=1e-5)
-    np.testing.assert_allclose(stats[1], z.std(0), rtol=1e-3)
-    zn = V.normalize(z, stats)
-    np.testing.assert_allclose(zn.std(0), 1.0, rtol=1e-3)
-    np.testing.assert_allclose(V.denormalize(zn, stats), z, atol=1e-5)
+    np.testing.assert_allclose(V.psnr(a + 5.0, a), 0.0, atol=1e-5)  # clipped to [-1, 1] first
 
 
 def shapes_clips(n, frames, size, seed=0):

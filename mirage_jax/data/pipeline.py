@@ -22,13 +22,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from mirage_jax.model.tokens import encode_text
+from mirage_jax.model.tokens import audio_frames, encode_text
 
 SAMPLE_RATE = 16000
 FPS = 25
 HOP = SAMPLE_RATE // FPS  # 640 samples per video frame
 N_FFT = 2 * HOP  # 80 ms Hann window centred on its video frame
 LOG_FLOOR = 1e-5
+SILENCE = (np.log(LOG_FLOOR) + 5.0) / 4.0  # `log_mel` of silence
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,59 +73,97 @@ class _Indexed(grain.RandomAccessDataSource):
 
 
 class ClipTransform(grain.RandomMapTransform):
-    """One stored clip -> one training example (see `GrainSource` for the keys)."""
+    """One stored clip -> one training example (see `GrainSource` for the keys).
 
-    def __init__(self, frames, height, width, audio_features, text_len, random_flip, dataset):
-        self.frames, self.height, self.width = frames, height, width
-        self.n_mels, self.text_len = audio_features, text_len
-        self.random_flip, self.dataset = random_flip, dataset
+    The window depends on `data.video`: 'pixels' takes `frames` video frames with one audio
+    frame each; 'encode' takes 1 + k*r video frames and (1 + k)*r audio frames starting
+    r - 1 frames earlier (latent frame m then has audio frames m*r .. m*r + r - 1); 'latents'
+    takes 1 + k latent frames of a record written by `mirage-jax encode`, anywhere in the
+    clip, with the audio frames they code. Audio before the clip is silence.
+    """
+
+    def __init__(self, cfg):
+        d = cfg.data
+        self.frames, self.height, self.width = d.frames, d.height, d.width
+        self.n_mels, self.text_len = d.audio_features, d.text_len
+        self.random_flip, self.dataset, self.mode = d.random_flip, d.dataset, d.video
+        self.r = 1 if d.video == "pixels" else cfg.vae.temporal_factor
+        self.n_audio = audio_frames(cfg)
 
     def random_map(self, rec: dict, rng: np.random.Generator) -> dict:
         index = int(rec["_index"])
-        clip = rec["latents"] if "latents" in rec else rec["video"]
-        if "latents" not in rec and clip.shape[1:3] != (self.height, self.width):
-            raise ValueError(
-                f"{self.dataset} record {index}: frames are "
-                f"{clip.shape[1]}x{clip.shape[2]}, config wants "
-                f"{self.height}x{self.width}"
-            )
-        n, t = clip.shape[0], self.frames
-        if n < t:
-            raise ValueError(f"{self.dataset} record {index}: {n} frames < data.frames={t}")
-        t0 = int(rng.integers(0, n - t + 1))
-        if n > t:  # a frame outside [t0, t0 + t)
-            r = int(rng.integers(0, n - t))
-            ref = r if r < t0 else r + t
+        where = f"{self.dataset} record {index}"
+        if self.mode == "latents":
+            if "latents" not in rec:
+                raise ValueError(f"{where} has no latents: data.video='latents' needs a "
+                                 f"dataset written by `mirage-jax encode`")
+            clip = rec["latents"]
+            t = 1 + (self.frames - 1) // self.r  # latent frames
+            n = clip.shape[0]
+            if n < t:
+                raise ValueError(f"{where}: {n} latent frames < the {t} of data.frames="
+                                 f"{self.frames}")
+            j0 = int(rng.integers(0, n - t + 1))
+            a0 = (j0 - 1) * self.r + 1  # first audio frame; latent j0 codes frames up to j0*r
+            video = np.asarray(clip[j0:j0 + t], np.float32)
+            n_frames = len(rec["frame_latents"])
         else:
-            ref = t0
-        flip = self.random_flip and bool(rng.integers(0, 2))
-        video, ref_img = _pixels(clip[t0 : t0 + t]), _pixels(clip[ref])
-        if flip:
+            clip = rec["video"]
+            if clip.shape[1:3] != (self.height, self.width):
+                raise ValueError(f"{where}: frames are {clip.shape[1]}x{clip.shape[2]}, "
+                                 f"config wants {self.height}x{self.width}")
+            n, t = clip.shape[0], self.frames
+            if n < t:
+                raise ValueError(f"{where}: {n} frames < data.frames={t}")
+            t0 = int(rng.integers(0, n - t + 1))
+            a0 = t0 - (self.r - 1)
+            video = _pixels(clip[t0:t0 + t])
+            n_frames = n
+        # The reference: a frame outside the frames this window codes, if the clip has one.
+        lo, hi = max(a0, 0), a0 + self.n_audio
+        outside = n_frames - (hi - lo)
+        ref = lo
+        if outside > 0:
+            ref = int(rng.integers(0, outside))
+            ref = ref if ref < lo else ref + (hi - lo)
+        if self.mode == "latents":
+            ref_img = np.asarray(rec["frame_latents"][ref], np.float32)
+        else:
+            ref_img = _pixels(clip[ref])
+        if self.random_flip and bool(rng.integers(0, 2)):
             video, ref_img = video[:, :, ::-1].copy(), ref_img[:, ::-1].copy()
         if "audio_features" in rec:
-            audio = np.asarray(rec["audio_features"][t0 : t0 + t], np.float32)
-            if audio.shape != (t, self.n_mels):
-                raise ValueError(
-                    f"{self.dataset} record {index}: audio_features window "
-                    f"{audio.shape}, config wants ({t}, {self.n_mels})"
-                )
+            audio = _frames(rec["audio_features"], a0, self.n_audio, SILENCE)
+            if audio.shape[1] != self.n_mels:
+                raise ValueError(f"{where}: audio_features have {audio.shape[1]} bins, config "
+                                 f"wants data.audio_features={self.n_mels}")
         else:
-            audio = log_mel(rec["audio"], t0, t, self.n_mels)
+            audio = log_mel(rec["audio"], a0, self.n_audio, self.n_mels)
         caption = rec["caption"]
         caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
         out = {
             "video": video,
             "ref": ref_img,
-            "audio": audio,
+            "audio": audio.astype(np.float32),
             "text": encode_text([caption], self.text_len)[0],
             "index": np.int64(index),
-            "ref_time": np.float32(ref - t0),
+            "ref_time": np.float32(ref - a0),
         }
         if "mouth_open" in rec:
-            out["mouth_open"] = np.asarray(rec["mouth_open"][t0 : t0 + t], np.float32)
+            out["mouth_open"] = _frames(rec["mouth_open"], a0, self.n_audio, 0.0)
         if "viseme" in rec:
-            out["viseme"] = np.asarray(rec["viseme"][t0 : t0 + t], np.int32)
+            out["viseme"] = _frames(rec["viseme"], a0, self.n_audio, 0).astype(np.int32)
         return out
+
+
+def _frames(x, start: int, n: int, fill) -> np.ndarray:
+    """Rows [start, start + n) of a per-frame array; rows outside it are `fill`."""
+    x = np.asarray(x)
+    out = np.full((n, *x.shape[1:]), fill, x.dtype if x.dtype != np.float64 else np.float32)
+    a, b = max(start, 0), min(start + n, len(x))
+    if b > a:
+        out[a - start:b - start] = x[a:b]
+    return out
 
 
 def _pixels(x: np.ndarray) -> np.ndarray:
@@ -145,7 +184,14 @@ def open_split(cfg):
             f"({type(e).__name__}: {e}); build it with `mirage-jax prepare`"
         ) from e
     feats = source.dataset_info.features
-    if "video" in feats and "latents" not in feats:
+    if d.video == "latents":
+        from mirage_jax.data import latent_dataset
+
+        latent_dataset.check_fits(cfg, source.dataset_info.data_dir)
+    elif "video" not in feats:
+        raise ValueError(f"dataset '{d.dataset}' holds no pixel video; for cached latents "
+                         f"set data.video='latents'")
+    else:
         shape = tuple(feats["video"].shape)
         if shape[1:3] != (d.height, d.width):
             raise ValueError(
@@ -180,9 +226,7 @@ def make_loader(
     sampler = grain.IndexSampler(
         len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=int(cfg.seed)
     )
-    clip = ClipTransform(
-        d.frames, d.height, d.width, d.audio_features, d.text_len, d.random_flip, d.dataset
-    )
+    clip = ClipTransform(cfg)
     if d.workers > 0 and not flags.FLAGS.is_parsed():
         # grain 0.2.18 reads an absl flag when starting workers and fails if no absl main
         # parsed the command line; use the defaults of all flags instead.

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mirage_jax.model.tokens import GENERATED, GROUPS, STREAM_OF, Stream
+from mirage_jax.model.tokens import GENERATED, GROUPS, STREAM_OF, Stream, video_shape
 from mirage_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -192,7 +192,7 @@ class DiT(nnx.Module):
         m, d = cfg.model, cfg.data
         self.cfg = cfg
         w = stream_widths(cfg)
-        patch_dim = m.patch * m.patch * d.channels
+        patch_dim = m.patch * m.patch * video_shape(cfg)[3]
         self.video_in = _linear(cfg, patch_dim, w["video"], ("io", "embed"), rngs)
         self.audio_in = _linear(cfg, d.audio_features, w["audio"], ("io", "embed"), rngs)
         if m.text_encoder == "bytes":

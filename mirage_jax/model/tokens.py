@@ -1,8 +1,9 @@
 """From a batch to token streams, and back.
 
 A batch (what the data pipeline yields) holds, per example:
-  video  [T, H, W, C] float in [-1, 1] (pixels now; VAE latents later)
-  audio  [T, F]       audio features, feature frame k aligned with video frame k
+  video  [T, H, W, C] float: pixels in [-1, 1], or normalised VAE latents (`video_shape`)
+  audio  [T, F]       audio features, feature frame k aligned with video frame k (with
+                      latents, latent frame m with audio frames m*r .. m*r + r - 1)
   text   [L] int32    byte tokens (0 = pad)  -- or text_emb [L, D] precomputed
   ref    [H, W, C]    reference image (a frame from outside the target window)
 
@@ -64,11 +65,39 @@ def unpatchify(x: jax.Array, t: int, h: int, w: int, p: int) -> jax.Array:
     return x.reshape(b, t, h, w, c)
 
 
-def grid_positions(t: int, h: int, w: int, t0: float = 0.0) -> np.ndarray:
-    """[t*h*w, 3] (time, row, column) in the patchify order."""
-    tt, hh, ww = np.meshgrid(np.arange(t) + t0, np.arange(h), np.arange(w), indexing="ij")
+def grid_positions(t, h: int, w: int, t0: float = 0.0) -> np.ndarray:
+    """[T*h*w, 3] (time, row, column) in the patchify order; `t` is a frame count or the
+    frames' time coordinates."""
+    times = np.arange(t) if np.ndim(t) == 0 else np.asarray(t)
+    tt, hh, ww = np.meshgrid(times + t0, np.arange(h), np.arange(w), indexing="ij")
     return np.stack([tt, hh, ww], -1).reshape(-1, 3).astype(np.float32)
 
+
+def video_shape(cfg) -> tuple[int, int, int, int]:
+    """(T, H, W, C) of one example's video as the DiT's video stream sees it: pixel frames,
+    or VAE latents (1 + k latent frames for 1 + k*r video frames, H/s x W/s, latent channels)."""
+    d, v = cfg.data, cfg.vae
+    if d.video == "pixels":
+        return d.frames, d.height, d.width, d.channels
+    s = v.spatial_factor
+    return 1 + (d.frames - 1) // v.temporal_factor, d.height // s, d.width // s, v.latent_channels
+
+
+def audio_frames(cfg) -> int:
+    """Audio feature frames per example: one per video frame; with latents (1 + k) * r, so
+    that each latent frame has r (the first one's r - 1 lie before the clip: silence)."""
+    if cfg.data.video == "pixels":
+        return cfg.data.frames
+    return video_shape(cfg)[0] * cfg.vae.temporal_factor
+
+
+def video_times(cfg, n: int) -> np.ndarray:
+    """Time coordinate (in video frames, on the audio's axis) of each of n video frames, or
+    of n latent frames: latent m codes frames up to m*r + r - 1 of the audio window."""
+    if cfg.data.video == "pixels":
+        return np.arange(n, dtype=np.float32)
+    r = cfg.vae.temporal_factor
+    return (np.arange(n) * r + r - 1).astype(np.float32)
 
 def batch_to_streams(batch: dict, cfg) -> dict[str, Stream]:
     """Clean token streams (t = 0) for every group of a batch."""
@@ -83,7 +112,7 @@ def batch_to_streams(batch: dict, cfg) -> dict[str, Stream]:
         return Stream(x=x, t=jnp.zeros((b, n), jnp.float32), pos=pos, mask=mask)
 
     streams = {
-        "video": stream(patchify(video, p), grid_positions(nt, h // p, w // p)),
+        "video": stream(patchify(video, p), grid_positions(video_times(cfg, nt), h // p, w // p)),
         "ref": stream(
             patchify(batch["ref"][:, None], p), grid_positions(1, h // p, w // p, t0=m.ref_time)
         ),
@@ -96,5 +125,6 @@ def batch_to_streams(batch: dict, cfg) -> dict[str, Stream]:
 
 
 def streams_to_video(x: jax.Array, cfg, frames: int) -> jax.Array:
-    d = cfg.data
-    return unpatchify(x, frames, d.height, d.width, cfg.model.patch)
+    """Video tokens -> [B, frames, H, W, C] (pixels or latents, per `video_shape`)."""
+    _, h, w, _ = video_shape(cfg)
+    return unpatchify(x, frames, h, w, cfg.model.patch)

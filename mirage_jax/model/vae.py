@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mirage_jax.model.dit import DTYPES
@@ -387,36 +386,3 @@ def psnr(a, b):
     mse = jnp.mean(jnp.square((a - b) / 2.0))
     return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-12))
 
-
-def psnr_region(a, b, rows=None):
-    """PSNR over a band of rows (axis -3); default the lower third (the mouth)."""
-    h = a.shape[-3]
-    rows = slice(2 * h // 3, h) if rows is None else rows
-    return psnr(a[..., rows, :, :], b[..., rows, :, :])
-
-
-def latent_stats(model: VAE, batches) -> tuple[jax.Array, jax.Array]:
-    """Per-channel mean and std [C] of posterior means over an iterable of batches (dicts
-    with 'video', or video arrays), for scaling latents to unit variance for the DiT."""
-    encode = nnx.jit(lambda m, x: m.encode(x)[0])
-    total, total_sq, count = 0.0, 0.0, 0
-    for batch in batches:
-        video = batch["video"] if isinstance(batch, dict) else batch
-        mean = np.asarray(encode(model, to_signed(jnp.asarray(video))), np.float64)
-        mean = mean.reshape(-1, mean.shape[-1])
-        total, total_sq, count = total + mean.sum(0), total_sq + np.square(mean).sum(0), count + len(mean)
-    if not count:
-        raise ValueError("latent_stats needs at least one batch")
-    mu = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mu**2, 0.0))
-    return jnp.asarray(mu, jnp.float32), jnp.asarray(np.maximum(std, 1e-6), jnp.float32)
-
-
-def normalize(z, stats):
-    mean, std = stats
-    return (z - mean) / std
-
-
-def denormalize(z, stats):
-    mean, std = stats
-    return z * std + mean

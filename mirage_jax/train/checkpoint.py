@@ -52,16 +52,24 @@ class Checkpointer:
                 "state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
                 "data": pipeline.checkpoint_handler(),
+                "latent_stats": ocp.JsonCheckpointHandler(),  # a VAE's (mirage_jax/latents.py)
             },
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, config, source=None, force: bool = False) -> bool:
+    def due(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def save(
+        self, step: int, state: dict, config, source=None, force: bool = False, json_items=None
+    ) -> bool:
         """Saves if `step` is due (or `force`); a stateful data source saves its iterator
-        position with it (each process its own)."""
+        position with it (each process its own). `json_items`: more named JSON items (a
+        VAE's latent statistics)."""
         data = {"data": pipeline.checkpoint_args(source)} if _stateful(source) else {}
+        data.update({k: ocp.args.JsonSave(v) for k, v in (json_items or {}).items()})
         return self.manager.save(
             step,
             force=force,
@@ -71,6 +79,13 @@ class Checkpointer:
                 config=ocp.args.JsonSave(json.loads(config.to_json())),
             ),
         )
+
+    def read_json(self, step: int, item: str) -> dict | None:
+        """A JSON item of `step` ('config', 'latent_stats'); None if that step has none."""
+        if not (self.directory / str(step) / item).is_dir():
+            return None
+        out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return out[item]
 
     def check_fits(self, step: int, abstract: dict) -> None:
         """Compares stored array shapes with the model's before any restore is attempted."""

@@ -12,11 +12,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
+from flax import nnx
 from tensorboardX import SummaryWriter
 
 from mirage_jax import sharding
 from mirage_jax.data.pipeline import GrainSource
+from mirage_jax.latents import Codec, report_batches, vae_report
+from mirage_jax.model.tokens import audio_frames, video_shape
 from mirage_jax.train import state as state_lib
 from mirage_jax.train.checkpoint import Checkpointer
 from mirage_jax.train.step import MODEL_KEYS, compile_step
@@ -47,13 +51,36 @@ def global_batch(local: dict, shard) -> dict:
     return {k: jax.make_array_from_process_local_data(shard, local[k]) for k in MODEL_KEYS}
 
 
+def model_batch(local: dict, shard, codec=None) -> dict:
+    """A process's batch as global arrays; with a codec (data.video='encode'), pixels are
+    encoded to latents on the devices first."""
+    batch = global_batch(local, shard)
+    if codec is None:
+        return batch
+    return {k: jax.device_put(v, shard) for k, v in codec.latent_batch(batch).items()}
+
+
 def tokens_per_example(cfg) -> int:
     """Sequence length of one example (for the VAE: video frames, so tokens/s is frames/s)."""
     d, p = cfg.data, cfg.model.patch
     if cfg.task == "vae":
         return d.frames
-    per_frame = (d.height // p) * (d.width // p)
-    return d.frames * per_frame + per_frame + d.frames + d.text_len
+    t, h, w, _ = video_shape(cfg)
+    per_frame = (h // p) * (w // p)
+    return t * per_frame + per_frame + audio_frames(cfg) + d.text_len
+
+
+def vae_checkpoint_report(cfg, setup, state, log) -> dict:
+    """Latent statistics and held-out PSNR of the EMA weights, saved with a VAE checkpoint."""
+    t0 = time.perf_counter()
+    model = nnx.merge(setup.graphdef, state["ema"])
+    report = vae_report(cfg, model, report_batches(cfg))
+    log.info(
+        "step %d: held-out PSNR %.2f dB, mouth %.2f dB; latent std %s (%.1fs)",
+        int(state["step"]), report["psnr_test"], report["psnr_mouth_test"],
+        np.round(report["std"], 3).tolist(), time.perf_counter() - t0,
+    )
+    return report
 
 
 class Metrics:
@@ -110,11 +137,14 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     start = int(state["step"])
     shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
     first = source.batch(start)
-    local_abstract = {k: first[k] for k in MODEL_KEYS}
     abstract = {
-        k: jax.ShapeDtypeStruct((cfg.data.global_batch,) + v.shape[1:], v.dtype)
-        for k, v in local_abstract.items()
+        k: jax.ShapeDtypeStruct((cfg.data.global_batch,) + first[k].shape[1:], first[k].dtype)
+        for k in MODEL_KEYS
     }
+    if cfg.data.video == "encode":
+        t, h, w, c = video_shape(cfg)
+        abstract["video"] = jax.ShapeDtypeStruct((cfg.data.global_batch, t, h, w, c), jnp.float32)
+        abstract["ref"] = jax.ShapeDtypeStruct((cfg.data.global_batch, h, w, c), jnp.float32)
     t0 = time.perf_counter()
     step_fn = compile_step(cfg, setup, abstract)
     flops = float(step_fn.cost_analysis().get("flops", 0.0))
@@ -134,23 +164,30 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
 
     metrics = Metrics(workdir, start, cfg.train.steps)
     tokens = tokens_per_example(cfg) * cfg.data.global_batch
-    pending, losses, saved = None, [], False
+    pending, losses = None, []
     window = {"steps": 0, "t0": time.perf_counter()}
     batch = global_batch(first, shard)
+    codec = None
+    if cfg.data.video == "encode":  # pixels from the pipeline, latents into the step
+        codec = Codec(cfg.vae_checkpoint, mesh)
+        codec.check(cfg)
+    batch = model_batch(first, shard, codec)
     with jax.set_mesh(mesh):
         for step in range(start, cfg.train.steps):
             state, out = step_fn(state, batch)
-            saved = ckpt.save(step + 1, state, cfg, source)
-            if step + 1 < cfg.train.steps:
-                batch = global_batch(source.batch(step + 1), shard)  # host work overlaps the step
+            last = step + 1 == cfg.train.steps
+            extra = None
+            if cfg.task == "vae" and (last or ckpt.due(step + 1)):
+                extra = {"latent_stats": vae_checkpoint_report(cfg, setup, state, log)}
+            ckpt.save(step + 1, state, cfg, source, force=last, json_items=extra)
+            if not last:
+                batch = model_batch(source.batch(step + 1), shard, codec)  # overlaps the step
             if pending is not None:  # the previous step's metrics: one step late, no sync now
                 losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
             pending = (step, out)
         if pending is not None:
             jax.block_until_ready(pending[1])
             losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
-    if not saved and start < cfg.train.steps:
-        ckpt.save(cfg.train.steps, state, cfg, source, force=True)
     ckpt.close()
     metrics.close()
     return {
