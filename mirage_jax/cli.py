@@ -3,6 +3,7 @@
 mirage-jax prepare --dataset synthetic_aroll/small --data_dir DATA
 mirage-jax train --config configs/tiny.py --config.model.depth=4 --workdir DIR [--resume]
 mirage-jax encode --vae VAE_RUN --dataset synthetic_aroll/small --data_dir DATA
+mirage-jax generate --checkpoint DIT_RUN --text "Hello there." --out hello.mp4
 mirage-jax bench data --config configs/demo.py
 mirage-jax demo  [--workdir demo_out]
 """
@@ -131,6 +132,27 @@ def _encode(args, overrides):
     return 0
 
 
+def _generate(args, overrides):
+    """Speech (a file, or text through espeak-ng) -> mp4 of the speaker, with the speech."""
+    from mirage_jax import generate
+
+    settings = generate.Settings(
+        steps=args.steps, cfg_audio=args.cfg_audio, cfg_text=args.cfg_text, cfg_ref=args.cfg_ref,
+        cosine=args.cosine, sampler=args.sampler, seed=args.seed, overlap=args.overlap,
+    )
+    if args.batch:
+        jobs = generate.read_list(args.batch)
+    elif args.out:
+        jobs = [dict(out=args.out, audio=args.audio, text=args.text, voice=args.voice,
+                     prompt=args.prompt, ref=args.ref)]
+    else:
+        raise config_lib.ConfigError("give --out OUT.mp4 (or --batch LIST.txt)")
+    gen = generate.Generator(args.checkpoint)
+    for path in generate.generate_files(gen, jobs, settings):
+        print(f"wrote {path}")
+    return 0
+
+
 def _bench(args, overrides):
     from mirage_jax import bench
 
@@ -197,6 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audio-features", type=int, default=32, help="log-mel bins per frame")
     p.add_argument("--batch", type=int, default=8, help="clips encoded at once")
     p.set_defaults(run=_encode)
+    p = sub.add_parser("generate", help="video of a speaker from speech (a file or text)")
+    p.add_argument("--checkpoint", required=True, help="workdir (or checkpoints dir) of a DiT run")
+    p.add_argument("--audio", help="speech file (wav, mp3, m4a, flac, ...; any rate)")
+    p.add_argument("--text", help="text to speak with espeak-ng instead of --audio")
+    p.add_argument("--voice", default="en-us", help="espeak voice for --text (woman, man, ...)")
+    p.add_argument("--prompt", default="", help="caption of the speaker and scene")
+    p.add_argument("--ref", help="reference image of the speaker")
+    p.add_argument("--steps", type=int, default=64, help="sampling steps per window")
+    p.add_argument("--cfg-audio", type=float, default=2.0, help="audio guidance scale")
+    p.add_argument("--cfg-text", type=float, default=1.0, help="text guidance scale")
+    p.add_argument("--cfg-ref", type=float, default=1.0, help="reference-image guidance scale")
+    p.add_argument("--cosine", action="store_true", help="cosine-anneal the guidance scales")
+    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    p.add_argument("--overlap", type=int, default=-1, help="frames carried between windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output .mp4")
+    p.add_argument("--batch", help="many jobs, one per line: OUT.mp4<TAB>AUDIO or text:...")
+    p.set_defaults(run=_generate)
     p = sub.add_parser("bench", help="throughput as ratios measured in one run")
     p.add_argument("what", choices=["data"])
     p.add_argument("--config", required=True)
@@ -214,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         rest, overrides = _split_overrides(argv)
         args = parser.parse_args(rest)
         return args.run(args, overrides)
-    except (config_lib.ConfigError, FileExistsError) as e:
+    except (config_lib.ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"mirage-jax: error: {e}", file=sys.stderr)
         return 2
 

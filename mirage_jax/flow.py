@@ -170,12 +170,14 @@ def sample(
     key,
     schedule: np.ndarray,
     method: str = "euler",
+    progress: Callable[[], None] | None = None,
 ) -> dict[str, Stream]:
     """Integrates the flow from noise (t=1) to data (t=0) for the tokens in `generate`.
 
     `velocity_fn(streams, t)` returns velocities per generated group; `generate[g]` [B, N]
     marks tokens to generate (others keep their clean values at t = 0, e.g. a previous
     window's last frames). Euler or Heun (2nd order; one more evaluation per step).
+    `progress()` is called on the host after every step (a progress bar).
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown sampler '{method}' (euler | heun)")
@@ -200,6 +202,8 @@ def sample(
         if method == "heun":
             v2 = velocity_fn(with_time(x_pred, t_next), t_next)
             x_pred = {g: x[g] + dt * 0.5 * (v[g] + v2[g]) for g in generate}
+        if progress is not None:
+            jax.debug.callback(lambda _: progress(), t)
         return {g: jnp.where(generate[g][..., None], x_pred[g], clean[g]) for g in generate}, None
 
     sched = jnp.asarray(schedule, jnp.float32)

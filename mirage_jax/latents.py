@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from mirage_jax import config as config_lib
 from mirage_jax import sharding
 from mirage_jax.model.vae import VAE, to_signed
 
@@ -99,49 +98,29 @@ def report_batches(cfg, n: int = 8):
 # ----------------------------------------------------------------------------- the codec
 
 
-def find_checkpoints(run_dir) -> pathlib.Path:
-    """A run's workdir or its `checkpoints/` folder -> the checkpoints folder."""
-    path = pathlib.Path(run_dir)
-    path = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoints at {run_dir}")
-    return path
-
-
 class Codec:
     """A trained VAE (EMA weights) with its latent statistics, loaded from its run directory,
     sharded over `mesh` (default: all devices, parameters replicated)."""
 
     def __init__(self, run_dir, mesh=None, step: int | None = None):
-        from mirage_jax.train import state as state_lib
-        from mirage_jax.train.checkpoint import Checkpointer
+        from mirage_jax.train.checkpoint import load_run
 
         self.run_dir = pathlib.Path(run_dir).absolute()
-        ckpt = Checkpointer(find_checkpoints(run_dir), every=1, keep=1, async_save=False)
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint steps in {ckpt.directory}")
-        where = f"{ckpt.directory / str(step)}"
-        self.cfg = config_lib.from_dict(ckpt.read_json(step, "config"), where)
+        mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+        run = load_run(run_dir, mesh, "ema", step)
+        self.cfg, self.step, where = run["cfg"], run["step"], run["where"]
         if self.cfg.task != "vae":
             raise ValueError(f"{where} is a '{self.cfg.task}' checkpoint, not a VAE")
-        stats = ckpt.read_json(step, "latent_stats")
+        stats = run["latent_stats"]
         if stats is None:
             raise ValueError(f"{where} has no latent_stats (saved by VAE training)")
-        self.report, self.step = stats, step
-        mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, sequence=1))
-        setup = state_lib.setup(self.cfg, mesh)
-        state = ckpt.restore(step, setup.abstract, setup.shardings)
-        ckpt.close()
-        self.mesh, self.graphdef, self.params = mesh, setup.graphdef, state["ema"]
+        self.report, self.mesh = stats, mesh
+        self.graphdef, self.params = run["graphdef"], run["params"]
         self.mean = jnp.asarray(stats["mean"], jnp.float32)
         self.std = jnp.asarray(stats["std"], jnp.float32)
         self.r, self.s = self.cfg.vae.temporal_factor, self.cfg.vae.spatial_factor
         self._encode = jax.jit(self._encode_fn)
         self._decode = jax.jit(self._decode_fn)
-
-    def model(self) -> VAE:
-        return nnx.merge(self.graphdef, self.params)
 
     def _encode_fn(self, params, video):
         m = nnx.merge(self.graphdef, params)

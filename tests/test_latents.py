@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import REPO
 
-from mirage_jax import cli, config
+from mirage_jax import cli, config, generate
 from mirage_jax.data.pipeline import GrainSource
 from mirage_jax.latents import Codec, report_batches
 from mirage_jax.model import tokens
@@ -112,11 +112,17 @@ def test_a_config_that_does_not_fit_the_latents_is_named(latents_dir):
 @pytest.mark.parametrize("mode", ["latents", "encode"])
 def test_dit_trains_on_latents(mode, vae_run, latents_dir, corpus_dir, tmp_path):
     data = ([f"data.data_dir={latents_dir}", "data.dataset=mirage_latents/synthetic_aroll_tiny"]
-            if mode == "latents" else
-            [f"data.data_dir={corpus_dir}", f"vae_checkpoint={vae_run[0]}"])
-    cfg = config.load(TINY, [*data, f"data.video={mode}", *LATENT_DIT])
+            if mode == "latents" else [f"data.data_dir={corpus_dir}"])
+    cfg = config.load(TINY, [*data, f"data.video={mode}", f"vae_checkpoint={vae_run[0]}",
+                             *LATENT_DIT])
     summary = loop.train(cfg, tmp_path)
     assert len(summary["losses"]) == 3 and np.all(np.isfinite(summary["losses"]))
     params = summary["state"]["params"]
     assert params["video_in"]["kernel"].shape[0] == 2 * 2 * 4  # 2x2 patches of 4 channels
     jax.block_until_ready(params)
+    if mode == "latents":  # generation samples latents window by window, then decodes them
+        gen = generate.Generator(tmp_path)
+        wave = np.sin(np.arange(8000) / 5.0).astype(np.float32) * 0.3  # 0.5 s: 12 frames
+        frames = gen(wave, "a woman", None, generate.Settings(steps=2), False)
+        assert frames.shape == (12, 16, 16, 3) and frames.dtype == np.uint8
+        assert gen.units_for(12) == 4 and gen.audio_start(1) == 1 and gen.audio_start(0) == -3

@@ -109,7 +109,7 @@ def test_loss_parts_and_kl():
 def test_psnr():
     a = jnp.zeros((1, 2, 6, 4, 3))
     np.testing.assert_allclose(V.psnr(a + 0.2, a), 20.0, rtol=1e-5)  # 0.1 on [0,1]: 20 dB
-    np.testing.assert_allclose(V.psnr(a + 5.0, a), 0.0, atol=1e-5)  # clipped to [-1, 1] first
+    np.testing.assert_allclose(V.psnr(a + 5.0, a), 10 * np.log10(4.0), rtol=1e-5)  # clipped first
 
 
 def shapes_clips(n, frames, size, seed=0):

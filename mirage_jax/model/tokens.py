@@ -91,6 +91,13 @@ def audio_frames(cfg) -> int:
     return video_shape(cfg)[0] * cfg.vae.temporal_factor
 
 
+def video_tokens_per_second(cfg, fps: float = 25.0) -> float:
+    """Video tokens per second of video (the sequence cost of a longer generation)."""
+    _, h, w, _ = video_shape(cfg)
+    r = 1 if cfg.data.video == "pixels" else cfg.vae.temporal_factor
+    return (h // cfg.model.patch) * (w // cfg.model.patch) * fps / r
+
+
 def video_times(cfg, n: int) -> np.ndarray:
     """Time coordinate (in video frames, on the audio's axis) of each of n video frames, or
     of n latent frames: latent m codes frames up to m*r + r - 1 of the audio window."""

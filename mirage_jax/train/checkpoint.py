@@ -133,3 +133,34 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def find_checkpoints(run_dir) -> pathlib.Path:
+    """A run's workdir or its `checkpoints/` folder -> the checkpoints folder."""
+    path = pathlib.Path(run_dir)
+    path = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoints at {run_dir}")
+    return path
+
+
+def load_run(run_dir, mesh, weights: str = "ema", step: int | None = None) -> dict:
+    """A trained model for inference: its config (as saved), graphdef and `weights`
+    ('ema' or 'params'), restored sharded onto `mesh`, and the step's JSON items."""
+    from mirage_jax import config as config_lib
+    from mirage_jax.train import state as state_lib
+
+    ckpt = Checkpointer(find_checkpoints(run_dir), every=1, keep=1, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint steps in {ckpt.directory}")
+        where = str(ckpt.directory / str(step))
+        cfg = config_lib.from_dict(ckpt.read_json(step, "config"), where)
+        setup = state_lib.setup(cfg, mesh)
+        state = ckpt.restore(step, setup.abstract, setup.shardings)
+        extra = {"latent_stats": ckpt.read_json(step, "latent_stats")}
+    finally:
+        ckpt.close()
+    return {"cfg": cfg, "graphdef": setup.graphdef, "params": state[weights], "step": step,
+            "where": where, **extra}

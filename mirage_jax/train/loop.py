@@ -20,7 +20,7 @@ from tensorboardX import SummaryWriter
 from mirage_jax import sharding
 from mirage_jax.data.pipeline import GrainSource
 from mirage_jax.latents import Codec, report_batches, vae_report
-from mirage_jax.model.tokens import audio_frames, video_shape
+from mirage_jax.model.tokens import audio_frames, video_shape, video_tokens_per_second
 from mirage_jax.train import state as state_lib
 from mirage_jax.train.checkpoint import Checkpointer
 from mirage_jax.train.step import MODEL_KEYS, compile_step
@@ -161,6 +161,9 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     )
     n_params = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
     log.info("%s parameters; mesh %s", f"{n_params:,}", dict(mesh.shape))
+    if cfg.task == "dit":
+        log.info("video stream: %s per example (%s), %.0f tokens per second of video",
+                 video_shape(cfg), cfg.data.video, video_tokens_per_second(cfg))
 
     metrics = Metrics(workdir, start, cfg.train.steps)
     tokens = tokens_per_example(cfg) * cfg.data.global_batch
