@@ -10,35 +10,21 @@ the cache: --config.data.video=encode --config.data.dataset=synthetic_aroll/smal
 --config.vae_checkpoint=runs/vae.
 """
 
-from mirage_jax.config import base_config
+import pathlib
+
+from mirage_jax.config import load_file
 
 
 def get_config():
-    c = base_config()
-    c.model.depth = 4
-    c.model.num_heads = 4
-    c.model.head_dim = 32
-    c.model.video_width = 128
-    c.model.audio_width = 64
-    c.model.text_width = 64
-    c.model.time_dim = 128
+    c = load_file(pathlib.Path(__file__).with_name("demo.py"))  # the demo's DiT, on latents
     c.model.patch = 2
     c.data.video = "latents"
     c.data.dataset = "mirage_latents/synthetic_aroll_small"
-    c.data.data_dir = "data_dir"
-    c.data.workers = 1
     c.data.frames = 17  # 1 + 4 * 4 video frames -> 5 latent frames
     c.data.height = 64
     c.data.width = 64
-    c.data.audio_features = 32
-    c.data.text_len = 48
-    c.data.global_batch = 8
     c.vae.latent_channels = 16  # must match the VAE (checked against the cached latents)
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 50
+    c.vae_checkpoint = "runs/vae"  # decodes generated latents
     c.train.steps = 1000
-    c.train.log_every = 25
     c.train.ckpt_every = 250
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
     return c

@@ -4,6 +4,7 @@ mirage-jax prepare --dataset synthetic_aroll/small --data_dir DATA
 mirage-jax train --config configs/tiny.py --config.model.depth=4 --workdir DIR [--resume]
 mirage-jax encode --vae VAE_RUN --dataset synthetic_aroll/small --data_dir DATA
 mirage-jax generate --checkpoint DIT_RUN --text "Hello there." --out hello.mp4
+mirage-jax export --run VAE_RUN --out vae.safetensors
 mirage-jax bench data --config configs/demo.py
 mirage-jax demo  [--workdir demo_out]
 """
@@ -153,6 +154,14 @@ def _generate(args, overrides):
     return 0
 
 
+def _export(args, overrides):
+    from mirage_jax import export
+
+    path = export.save(args.run_dir, args.out, args.weights)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def _bench(args, overrides):
     from mirage_jax import bench
 
@@ -237,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output .mp4")
     p.add_argument("--batch", help="many jobs, one per line: OUT.mp4<TAB>AUDIO or text:...")
     p.set_defaults(run=_generate)
+    p = sub.add_parser("export", help="a run's weights, config and statistics as safetensors")
+    p.add_argument("--run", dest="run_dir", required=True, help="workdir of a run")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--weights", choices=["ema", "params"], default="ema")
+    p.set_defaults(run=_export)
     p = sub.add_parser("bench", help="throughput as ratios measured in one run")
     p.add_argument("what", choices=["data"])
     p.add_argument("--config", required=True)

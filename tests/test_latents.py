@@ -126,3 +126,14 @@ def test_dit_trains_on_latents(mode, vae_run, latents_dir, corpus_dir, tmp_path)
         frames = gen(wave, "a woman", None, generate.Settings(steps=2), False)
         assert frames.shape == (12, 16, 16, 3) and frames.dtype == np.uint8
         assert gen.units_for(12) == 4 and gen.audio_start(1) == 1 and gen.audio_start(0) == -3
+
+
+def test_safetensors_export_loads_like_the_run(vae_run, corpus_dir, tmp_path):
+    path = tmp_path / "vae.safetensors"
+    assert cli.main(["export", "--run", str(vae_run[0]), "--out", str(path)]) == 0
+    a, b = Codec(vae_run[0]), Codec(path)
+    assert b.report == a.report and b.cfg.vae.latent_channels == 4
+    x = tfds.data_source("synthetic_aroll/tiny", data_dir=corpus_dir)["test"][0]["video"][None, :9]
+    np.testing.assert_array_equal(a.encode(x), b.encode(x))
+    with open(path, "rb") as f:
+        assert b"pickle" not in f.read(2000)

@@ -146,10 +146,17 @@ def find_checkpoints(run_dir) -> pathlib.Path:
 
 def load_run(run_dir, mesh, weights: str = "ema", step: int | None = None) -> dict:
     """A trained model for inference: its config (as saved), graphdef and `weights`
-    ('ema' or 'params'), restored sharded onto `mesh`, and the step's JSON items."""
+    ('ema' or 'params'), restored sharded onto `mesh`, and the step's JSON items.
+    `run_dir` may also be a `.safetensors` file written by `mirage_jax.export.save`."""
     from mirage_jax import config as config_lib
     from mirage_jax.train import state as state_lib
 
+    if str(run_dir).endswith(".safetensors"):
+        from mirage_jax import export
+
+        if weights != "ema":
+            raise ValueError(f"{run_dir} holds inference weights only, not '{weights}'")
+        return export.load(run_dir, mesh)
     ckpt = Checkpointer(find_checkpoints(run_dir), every=1, keep=1, async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step
