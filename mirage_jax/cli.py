@@ -12,13 +12,12 @@ mirage-jax demo  [--workdir demo_out]
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import pathlib
 import sys
 
 from mirage_jax import config as config_lib
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -175,21 +174,12 @@ def _bench(args, overrides):
 
 
 def _demo(args, overrides):
-    """The main job, for now: build the small synthetic corpus, train the demo config on it."""
-    from mirage_jax.data import synthetic_aroll
-    from mirage_jax.train import loop
+    """The main job: corpus -> VAE -> cached latents -> DiT -> generated mp4 (mirage_jax/demo.py)."""
+    from mirage_jax import demo
 
-    cfg = config_lib.load(REPO / "configs" / "demo.py", overrides)
-    synthetic_aroll.prepare("small", cfg.data.data_dir, size=cfg.data.height)
-    summary = loop.train(cfg, args.workdir, resume=args.resume)
-    losses = summary["losses"]
-    if losses:
-        k = max(1, len(losses) // 10)
-        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        print(
-            f"demo: {summary['params']:,} parameters, steps {summary['start']}..{summary['steps']}, "
-            f"mean loss of the first {k} steps {first:.4f} -> last {k} steps {last:.4f}"
-        )
+    report = demo.run(args.workdir, overrides, args.data_dir, args.vae)
+    print(json.dumps(report, indent=1))
+    print(f"demo: {args.workdir}/demo.mp4, ground_truth.mp4, strip.png, summary.json")
     return 0
 
 
@@ -258,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_bench)
     p = sub.add_parser("demo", help="the README's main job on the built-in data")
     p.add_argument("--workdir", default="demo_out")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", help="default: WORKDIR/data")
+    p.add_argument("--vae", help="VAE run or .safetensors (default: the shipped demo weights)")
     p.set_defaults(run=_demo)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
