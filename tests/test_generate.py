@@ -83,24 +83,33 @@ def test_reference_image_and_its_errors(gen, tmp_path):
         generate.reference_image(bad, 16, 16)
 
 
-@pytest.mark.parametrize("case", ["missing", "silent", "not_audio", "no_checkpoint"])
+CASES = {"missing": "in.wav", "empty": "in.wav", "silent": "in.wav: the audio is silent",
+         "not_audio": "in.wav", "no_checkpoint": "nothing_here",
+         "ref_not_image": "ref.png: not an image file"}
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_bad_inputs_are_named_and_write_nothing(case, dit_run, tmp_path, capsys):
     out = tmp_path / "out.mp4"
     audio = tmp_path / "in.wav"
-    checkpoint = dit_run
-    if case == "silent":
-        tone_file(audio, amp=0.0)
+    checkpoint, extra = dit_run, []
+    tone_file(audio, amp=0.0 if case == "silent" else 0.3)
+    if case == "missing":
+        audio.unlink()
+    elif case == "empty":
+        audio.write_bytes(b"")
     elif case == "not_audio":
         audio.write_text("hello")
     elif case == "no_checkpoint":
-        tone_file(audio)
         checkpoint = tmp_path / "nothing_here"
+    elif case == "ref_not_image":
+        (tmp_path / "ref.png").write_text("a text file named like an image")
+        extra = ["--ref", str(tmp_path / "ref.png")]
     rc = cli.main(["generate", "--checkpoint", str(checkpoint), "--audio", str(audio),
-                   "--steps", "1", "--out", str(out)])
+                   "--steps", "1", "--out", str(out), *extra])
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
-    assert {"missing": "in.wav", "silent": "silent", "not_audio": "in.wav",
-            "no_checkpoint": "nothing_here"}[case] in err
+    assert CASES[case] in err
 
 
 def test_batch_list_generates_every_file_like_one_at_a_time(dit_run, gen, tmp_path):

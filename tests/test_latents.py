@@ -137,3 +137,10 @@ def test_safetensors_export_loads_like_the_run(vae_run, corpus_dir, tmp_path):
     np.testing.assert_array_equal(a.encode(x), b.encode(x))
     with open(path, "rb") as f:
         assert b"pickle" not in f.read(2000)
+
+
+def test_generate_refuses_a_vae_checkpoint(vae_run, tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    rc = cli.main(["generate", "--checkpoint", str(vae_run[0]), "--text", "Hi.", "--out", str(out)])
+    assert rc == 2 and not out.exists()
+    assert "is a 'vae' checkpoint, not a DiT" in capsys.readouterr().err
