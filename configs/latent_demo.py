@@ -25,6 +25,6 @@ def get_config():
     c.data.width = 64
     c.vae.latent_channels = 16  # must match the VAE (checked against the cached latents)
     c.vae_checkpoint = "runs/vae"  # decodes generated latents
-    c.train.steps = 1000
-    c.train.ckpt_every = 250
+    c.train.steps = 3000
+    c.train.ckpt_every = 500
     return c
