@@ -1,13 +1,13 @@
 """The DiT on cached VAE latents: 64x64 video as 8x8x16 latents in 2x2 patches.
 
-  mirage-jax train --config configs/vae_demo.py --workdir runs/vae
-  mirage-jax encode --vae runs/vae --dataset synthetic_aroll/small --data_dir data_dir
+  mirage-jax encode --vae demo_assets/vae_demo.safetensors --dataset synthetic_aroll/small \
+      --data_dir data_dir          # or --vae runs/vae after training configs/vae_demo.py
   mirage-jax train --config configs/latent_demo.py --workdir runs/dit
 
 A window of 17 frames (0.68 s) is 5 latent frames of 16 tokens; its audio is 20 log-mel
 frames (4 per latent frame, the first 3 before the clip). For on-the-fly encoding instead of
 the cache: --config.data.video=encode --config.data.dataset=synthetic_aroll/small
---config.vae_checkpoint=runs/vae.
+--config.vae_checkpoint=<VAE run or .safetensors>.
 """
 
 import pathlib
@@ -24,7 +24,7 @@ def get_config():
     c.data.height = 64
     c.data.width = 64
     c.vae.latent_channels = 16  # must match the VAE (checked against the cached latents)
-    c.vae_checkpoint = "runs/vae"  # decodes generated latents
+    c.vae_checkpoint = "demo_assets/vae_demo.safetensors"  # the shipped VAE; or a VAE run dir
     c.train.steps = 3000
     c.train.ckpt_every = 500
     return c
