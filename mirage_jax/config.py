@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = "dit"  # which model the train loop builds: dit | vae
-    c.vae_checkpoint = ""  # a VAE run's workdir: encodes pixels (data.video='encode'), decodes samples
+    c.vae_checkpoint = ""  # VAE run dir or .safetensors: encodes (data.video='encode'), decodes
 
     c.model = dict(
         depth=2,

@@ -32,7 +32,7 @@ from mirage_jax.model.tokens import (
     audio_frames,
     batch_to_streams,
     encode_text,
-    patchify,
+    first_audio_frame,
     streams_to_video,
     video_shape,
 )
@@ -94,7 +94,7 @@ class Generator:
     """A trained DiT run (EMA weights), and the VAE it was trained on when it uses latents."""
 
     def __init__(self, run_dir, mesh=None):
-        mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+        mesh = mesh or sharding.data_mesh()
         run = load_run(run_dir, mesh, "ema")
         self.cfg, self.mesh = run["cfg"], mesh
         if self.cfg.task != "dit":
@@ -121,11 +121,11 @@ class Generator:
         return 1 if self.codec is None else self.codec.r
 
     def units_for(self, frames: int) -> int:
-        return frames if self.r == 1 else 1 + math.ceil((frames - 1) / self.r)
+        return 1 + math.ceil((frames - 1) / self.r)
 
     def audio_start(self, u0: int) -> int:
         """First audio frame of a window starting at unit u0 (as the pipeline windows)."""
-        return u0 if self.r == 1 else (u0 - 1) * self.r + 1
+        return first_audio_frame(u0, self.r)
 
     def _sample_fn(self, params, batch, prefix, key, settings, progress):
         cfg = self.cfg
@@ -133,9 +133,7 @@ class Generator:
         v = streams["video"]
         _, h, w, _ = video_shape(cfg)
         per_unit = (h // cfg.model.patch) * (w // cfg.model.patch)
-        clean = patchify(batch["video"], cfg.model.patch)
-        gen = jnp.arange(v.x.shape[1])[None, :] >= prefix[:, None] * per_unit
-        streams["video"] = v.replace(x=clean)
+        gen = jnp.arange(v.x.shape[1])[None, :] >= prefix[:, None] * per_unit  # after the prefix
         streams["ref"] = streams["ref"].replace(mask=streams["ref"].mask & batch["ref_on"][:, None])
         model_fn = lambda s: nnx.merge(self.graphdef, params)(s)  # noqa: E731
         conds = [("text", settings.cfg_text), ("ref", settings.cfg_ref),

@@ -56,9 +56,8 @@ def heldout_psnr(model: VAE, cfg, max_clips: int = 64, batch: int = 4) -> dict:
     for i0 in range(0, n, batch):
         records = [source[i] for i in range(i0, min(n, i0 + batch))]
         t = 1 + (len(records[0]["video"]) - 1) // model.r * model.r
-        x = np.stack([r["video"][:t] for r in records])
-        y = np.asarray(recon(model, to_signed(jnp.asarray(x))))
-        sq = np.square((y - to_signed(jnp.asarray(x))) / 2.0)  # on the [0, 1] scale
+        x = to_signed(jnp.asarray(np.stack([r["video"][:t] for r in records])))
+        sq = np.square(np.asarray(recon(model, x) - x) / 2.0)  # on the [0, 1] scale
         err, count = err + sq.sum(), count + sq.size
         for j, r in enumerate(records):
             y0, y1, x0, x1 = mouth_box(r, x.shape[2])
@@ -78,6 +77,8 @@ def vae_report(cfg, model: VAE, batches) -> dict:
         z = np.asarray(encode(model, to_signed(jnp.asarray(b["video"]))), np.float64)
         z = z.reshape(-1, z.shape[-1])
         total, total_sq, count = total + z.sum(0), total_sq + np.square(z).sum(0), count + len(z)
+    if not count:
+        raise ValueError("vae_report needs at least one batch")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
     out = {"mean": mean.tolist(), "std": std.tolist(), "latents_measured": int(count)}
@@ -106,7 +107,7 @@ class Codec:
         from mirage_jax.train.checkpoint import load_run
 
         self.run_dir = pathlib.Path(run_dir).absolute()
-        mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+        mesh = mesh or sharding.data_mesh()
         run = load_run(run_dir, mesh, "ema", step)
         self.cfg, self.step, where = run["cfg"], run["step"], run["where"]
         if self.cfg.task != "vae":

@@ -39,6 +39,11 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def data_mesh(devices=None) -> Mesh:
+    """Every device on the data axis: inference (parameters replicated, batch split)."""
+    return make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices)
+
+
 def logical_to_mesh(names, rules) -> P:
     """PartitionSpec of mesh axes for a tuple of logical names (None: replicated)."""
     table = dict(rules)

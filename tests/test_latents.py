@@ -144,3 +144,25 @@ def test_generate_refuses_a_vae_checkpoint(vae_run, tmp_path, capsys):
     rc = cli.main(["generate", "--checkpoint", str(vae_run[0]), "--text", "Hi.", "--out", str(out)])
     assert rc == 2 and not out.exists()
     assert "is a 'vae' checkpoint, not a DiT" in capsys.readouterr().err
+
+
+def test_weights_file_that_does_not_fit_names_the_arrays(vae_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from mirage_jax.train.checkpoint import CheckpointMismatch
+
+    good, bad = tmp_path / "vae.safetensors", tmp_path / "bad.safetensors"
+    assert cli.main(["export", "--run", str(vae_run[0]), "--out", str(good)]) == 0
+    with safe_open(str(good), framework="numpy") as f:
+        meta, arrays = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    dropped = sorted(arrays)[0]
+    grown = sorted(arrays)[1]
+    arrays["extra/kernel"] = arrays.pop(dropped)
+    arrays[grown] = np.zeros((*arrays[grown].shape, 2), arrays[grown].dtype)
+    save_file(arrays, str(bad), metadata=meta)
+    with pytest.raises(CheckpointMismatch) as e:
+        Codec(bad)
+    msg = str(e.value)
+    assert f"missing in file: {dropped}" in msg and "not in model: extra/kernel" in msg
+    assert f"shape differs: {grown} file" in msg

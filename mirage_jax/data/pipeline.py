@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from mirage_jax.model.tokens import audio_frames, encode_text
+from mirage_jax.model.tokens import audio_frames, encode_text, first_audio_frame
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -104,7 +104,7 @@ class ClipTransform(grain.RandomMapTransform):
                 raise ValueError(f"{where}: {n} latent frames < the {t} of data.frames="
                                  f"{self.frames}")
             j0 = int(rng.integers(0, n - t + 1))
-            a0 = (j0 - 1) * self.r + 1  # first audio frame; latent j0 codes frames up to j0*r
+            a0 = first_audio_frame(j0, self.r)
             video = np.asarray(clip[j0:j0 + t], np.float32)
             n_frames = len(rec["frame_latents"])
         else:
@@ -116,7 +116,7 @@ class ClipTransform(grain.RandomMapTransform):
             if n < t:
                 raise ValueError(f"{where}: {n} frames < data.frames={t}")
             t0 = int(rng.integers(0, n - t + 1))
-            a0 = t0 - (self.r - 1)
+            a0 = t0 + first_audio_frame(0, self.r)  # the window's first unit codes frame t0
             video = _pixels(clip[t0:t0 + t])
             n_frames = n
         # The reference: a frame outside the frames this window codes, if the clip has one.

@@ -98,6 +98,13 @@ def video_tokens_per_second(cfg, fps: float = 25.0) -> float:
     return (h // cfg.model.patch) * (w // cfg.model.patch) * fps / r
 
 
+def first_audio_frame(unit: int, r: int) -> int:
+    """Audio frame where the audio of video unit `unit` starts: latent j codes the r frames up
+    to j*r (latent 0 only frame 0, so its audio starts r - 1 frames before the clip); with
+    pixels (r = 1) unit and frame coincide."""
+    return (unit - 1) * r + 1
+
+
 def video_times(cfg, n: int) -> np.ndarray:
     """Time coordinate (in video frames, on the audio's axis) of each of n video frames, or
     of n latent frames: latent m codes frames up to m*r + r - 1 of the audio window."""

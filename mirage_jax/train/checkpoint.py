@@ -27,10 +27,23 @@ def _key(entry) -> str:
     return str(entry)
 
 
-def _describe(tree) -> dict[str, tuple]:
-    """'opt_state/1/0/mu/blocks/video/q/kernel' -> (shape, dtype), whatever the container types."""
+def flat_paths(tree) -> dict:
+    """'opt_state/1/0/mu/blocks/video/q/kernel' -> leaf, whatever the container types."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key(e) for e in path): (tuple(v.shape), str(v.dtype)) for path, v in flat}
+    return {"/".join(_key(e) for e in path): v for path, v in flat}
+
+
+def shape_problems(stored: dict, wanted: dict, where: str) -> list[str]:
+    """Lines naming the arrays (path -> shape) missing from `where` or from the model, and
+    those whose shapes differ; empty when `stored` fits `wanted`."""
+    problems = [f"  missing in {where}: {k} {wanted[k]}" for k in wanted.keys() - stored.keys()]
+    problems += [f"  not in model: {k} {stored[k]}" for k in stored.keys() - wanted.keys()]
+    problems += [
+        f"  shape differs: {k} {where} {stored[k]} vs model {wanted[k]}"
+        for k in wanted.keys() & stored.keys()
+        if stored[k] != wanted[k]
+    ]
+    return sorted(problems)
 
 
 def _stateful(source) -> bool:
@@ -90,21 +103,13 @@ class Checkpointer:
     def check_fits(self, step: int, abstract: dict) -> None:
         """Compares stored array shapes with the model's before any restore is attempted."""
         meta = self.manager.item_metadata(step)["state"]
-        stored = {k: v[0] for k, v in _describe(meta).items()}
-        wanted = {k: v[0] for k, v in _describe(abstract).items()}
-        problems = [
-            f"  missing in checkpoint: {k} {wanted[k]}" for k in wanted.keys() - stored.keys()
-        ]
-        problems += [f"  not in model: {k} {stored[k]}" for k in stored.keys() - wanted.keys()]
-        problems += [
-            f"  shape differs: {k} checkpoint {stored[k]} vs model {wanted[k]}"
-            for k in wanted.keys() & stored.keys()
-            if stored[k] != wanted[k]
-        ]
+        stored = {k: tuple(v.shape) for k, v in flat_paths(meta).items()}
+        wanted = {k: tuple(v.shape) for k, v in flat_paths(abstract).items()}
+        problems = shape_problems(stored, wanted, "checkpoint")
         if problems:
             raise CheckpointMismatch(
                 f"checkpoint {self.directory / str(step)} does not fit the config:\n"
-                + "\n".join(sorted(problems))
+                + "\n".join(problems)
             )
 
     def restore(self, step: int, abstract: dict, shardings: dict, source=None) -> dict:

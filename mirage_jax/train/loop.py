@@ -70,11 +70,12 @@ def tokens_per_example(cfg) -> int:
     return t * per_frame + per_frame + audio_frames(cfg) + d.text_len
 
 
-def vae_checkpoint_report(cfg, setup, state, log) -> dict:
-    """Latent statistics and held-out PSNR of the EMA weights, saved with a VAE checkpoint."""
+def vae_checkpoint_report(cfg, setup, state, batches, log) -> dict:
+    """Latent statistics (over `batches`) and held-out PSNR of the EMA weights, saved with a
+    VAE checkpoint."""
     t0 = time.perf_counter()
     model = nnx.merge(setup.graphdef, state["ema"])
-    report = vae_report(cfg, model, report_batches(cfg))
+    report = vae_report(cfg, model, batches)
     log.info(
         "step %d: held-out PSNR %.2f dB, mouth %.2f dB; latent std %s (%.1fs)",
         int(state["step"]), report["psnr_test"], report["psnr_mouth_test"],
@@ -167,9 +168,8 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
 
     metrics = Metrics(workdir, start, cfg.train.steps)
     tokens = tokens_per_example(cfg) * cfg.data.global_batch
-    pending, losses = None, []
+    pending, losses, stats_batches = None, [], None
     window = {"steps": 0, "t0": time.perf_counter()}
-    batch = global_batch(first, shard)
     codec = None
     if cfg.data.video == "encode":  # pixels from the pipeline, latents into the step
         codec = Codec(cfg.vae_checkpoint, mesh)
@@ -181,7 +181,9 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
             last = step + 1 == cfg.train.steps
             extra = None
             if cfg.task == "vae" and (last or ckpt.due(step + 1)):
-                extra = {"latent_stats": vae_checkpoint_report(cfg, setup, state, log)}
+                stats_batches = stats_batches or report_batches(cfg)  # read once, when first due
+                extra = {"latent_stats": vae_checkpoint_report(cfg, setup, state, stats_batches,
+                                                               log)}
             ckpt.save(step + 1, state, cfg, source, force=last, json_items=extra)
             if not last:
                 batch = model_batch(source.batch(step + 1), shard, codec)  # overlaps the step
