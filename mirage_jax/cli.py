@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-ref", type=float, default=1.0, help="reference-image guidance scale")
     p.add_argument("--cosine", action="store_true", help="cosine-anneal the guidance scales")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    p.add_argument("--overlap", type=int, default=-1, help="frames carried between windows")
+    p.add_argument("--overlap", type=int, default=-1, help="frames (latent frames on latents) carried between windows; -1: a quarter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output .mp4")
     p.add_argument("--batch", help="many jobs, one per line: OUT.mp4<TAB>AUDIO or text:...")
