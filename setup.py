@@ -27,11 +27,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        # torch: the PyTorch reference model (mirage_jax/torch/); the parity tests need it.
+        "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0"],
         # Accelerator builds of jax; install one of these on the pod / cluster.
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
-        "torch": ["torch>=2.4"],
+        "torch": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["mirage-jax=mirage_jax.cli:main"]},
 )

@@ -4,7 +4,8 @@ mirage-jax prepare --dataset synthetic_aroll/small --data_dir DATA
 mirage-jax train --config configs/tiny.py --config.model.depth=4 --workdir DIR [--resume]
 mirage-jax encode --vae VAE_RUN --dataset synthetic_aroll/small --data_dir DATA
 mirage-jax generate --checkpoint DIT_RUN --text "Hello there." --out hello.mp4
-mirage-jax export --run VAE_RUN --out vae.safetensors
+mirage-jax export --checkpoint VAE_RUN --out vae_export [--no-ema] [--dtype bfloat16]
+mirage-jax import-torch vae_export --out VAE_RUN_AGAIN
 mirage-jax bench data --config configs/demo.py
 mirage-jax demo  [--workdir demo_out]
 """
@@ -71,7 +72,15 @@ def _train(args, overrides):
     init_distributed(args)
 
     cfg = config_lib.load(args.config, overrides)
-    summary = loop.train(cfg, args.workdir, resume=args.resume)
+    try:
+        summary = loop.train(cfg, args.workdir, resume=args.resume)
+    except (loop.TrainingStopped, loop.CheckpointSaveError) as e:  # said why: no traceback
+        print(f"mirage-jax: error: training stopped: {e}", file=sys.stderr)
+        return 1
+    if summary["stopped"]:  # a signal or a preemption: saved, resumable
+        print(f"stopped by {summary['stopped']} after step {summary['last_step']}; "
+              f"continue with --resume")
+        return 130 if summary["stopped"] == "SIGINT" else 143
     losses = summary["losses"]
     if losses:
         print(
@@ -139,6 +148,7 @@ def _generate(args, overrides):
     settings = generate.Settings(
         steps=args.steps, cfg_audio=args.cfg_audio, cfg_text=args.cfg_text, cfg_ref=args.cfg_ref,
         cosine=args.cosine, sampler=args.sampler, seed=args.seed, overlap=args.overlap,
+        max_seconds=args.max_seconds,
     )
     if args.batch:
         jobs = generate.read_list(args.batch)
@@ -156,8 +166,17 @@ def _generate(args, overrides):
 def _export(args, overrides):
     from mirage_jax import export
 
-    path = export.save(args.run_dir, args.out, args.weights)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    path = export.save(args.checkpoint, args.out, args.ema, args.dtype, args.max_shard_mb)
+    files = sorted(path.glob("*.safetensors"))
+    print(f"wrote {path}: config.json and {len(files)} safetensors file(s), "
+          f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB")
+    return 0
+
+
+def _import_torch(args, overrides):
+    from mirage_jax import export
+
+    print(f"wrote {export.import_torch(args.directory, args.out)}")
     return 0
 
 
@@ -233,14 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--overlap", type=int, default=-1, help="frames (latent frames on latents) carried between windows; -1: a quarter")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=300.0,
+                   help="refuse longer speech before sampling (0: no limit)")
     p.add_argument("--out", help="output .mp4")
     p.add_argument("--batch", help="many jobs, one per line: OUT.mp4<TAB>AUDIO or text:...")
     p.set_defaults(run=_generate)
-    p = sub.add_parser("export", help="a run's weights, config and statistics as safetensors")
-    p.add_argument("--run", dest="run_dir", required=True, help="workdir of a run")
-    p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--weights", choices=["ema", "params"], default="ema")
+    p = sub.add_parser("export", help="a run's weights (PyTorch layout, safetensors) and config")
+    p.add_argument("--checkpoint", required=True, help="workdir (or checkpoints dir) of a run")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA weights (default) or, with --no-ema, the raw parameters")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-shard-mb", type=float, default=4096.0,
+                   help="split into several files with an index above this size")
     p.set_defaults(run=_export)
+    p = sub.add_parser("import-torch", help="an exported directory back into an Orbax run")
+    p.add_argument("directory", help="written by `mirage-jax export`")
+    p.add_argument("--out", required=True, help="workdir of the new run")
+    p.set_defaults(run=_import_torch)
     p = sub.add_parser("bench", help="throughput as ratios measured in one run")
     p.add_argument("what", choices=["data"])
     p.add_argument("--config", required=True)
@@ -249,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the README's main job on the built-in data")
     p.add_argument("--workdir", default="demo_out")
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", help="default: WORKDIR/data")
-    p.add_argument("--vae", help="VAE run or .safetensors (default: the shipped demo weights)")
+    p.add_argument("--vae", help="VAE run or export (default: the shipped demo weights)")
     p.set_defaults(run=_demo)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = "dit"  # which model the train loop builds: dit | vae
-    c.vae_checkpoint = ""  # VAE run dir or .safetensors: encodes (data.video='encode'), decodes
+    c.vae_checkpoint = ""  # VAE run dir or export dir: encodes (data.video='encode'), decodes
 
     c.model = dict(
         depth=2,
@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
         drop_text=0.1,  # classifier-free guidance: drop each condition independently
         drop_audio=0.1,
         drop_ref=0.1,
+        motion_weight=0.0,  # extra loss weight on video tokens that change in time (lips)
     )
 
     c.optim = dict(
@@ -117,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
         ckpt_every=50,
         keep=3,
         peak_flops=0.0,  # FLOP/s for MFU; 0 measures a matmul at start
+        max_bad_steps=10,  # non-finite loss/grads skip the update; this many in a row stop (0: no)
+        on_save_error="stop",  # a failed checkpoint write: 'stop' training or log and 'continue'
     )
 
     c.vae = vae_defaults()  # the video VAE (mirage_jax/model/vae.py)
@@ -228,6 +231,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (m.head_dim % 2 == 0, "model.head_dim", m.head_dim),
         (all(n % m.patch == 0 for n in video_shape(cfg)[1:3]), "model.patch", m.patch),
         (d.global_batch % cfg.train.grad_accum == 0, "train.grad_accum", cfg.train.grad_accum),
+        (cfg.train.on_save_error in ("stop", "continue"), "train.on_save_error",
+         cfg.train.on_save_error),
+        (cfg.train.max_bad_steps >= 0, "train.max_bad_steps", cfg.train.max_bad_steps),
         (cfg.flow.p_joint + cfg.flow.p_video_to_audio <= 1.0, "flow.p_joint", cfg.flow.p_joint),
     ]
     for ok, key, value in checks:

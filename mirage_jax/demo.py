@@ -25,7 +25,7 @@ from mirage_jax.data import face, synthetic_aroll, tts, visemes
 
 log = logging.getLogger("mirage_jax")
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SHIPPED_VAE = REPO / "demo_assets" / "vae_demo.safetensors"
+SHIPPED_VAE = REPO / "demo_assets" / "vae_demo"
 SENTENCE = "Bob made a purple map for Pam, and Mom bought a lemon pie."
 CONTROL = "Grace is calling the teacher about her lovely garden today."
 SPEAKER = 3

@@ -53,6 +53,7 @@ class Settings:
     sampler: str = "euler"
     seed: int = 0
     overlap: int = -1  # frames (latent frames) carried between windows; -1: a quarter
+    max_seconds: float = 300.0  # longer speech is refused before any sampling (0: no limit)
 
 
 def speech(audio: str | None = None, text: str | None = None, voice: str = "en-us") -> np.ndarray:
@@ -245,6 +246,12 @@ def generate_files(gen: Generator, jobs: list[dict], settings: Settings = Settin
     """Several mp4s in one batched run; every input is read and checked before any sampling."""
     d = gen.cfg.data
     waves = [speech(j["audio"], j["text"], j.get("voice", "en-us")) for j in jobs]
+    for j, wave in zip(jobs, waves):
+        seconds = len(wave) / SAMPLE_RATE
+        if settings.max_seconds and seconds > settings.max_seconds:
+            raise GenerationError(f"{j['audio'] or 'the text'}: {seconds:.1f} s of speech is over "
+                                  f"the {settings.max_seconds:g} s limit (--max-seconds); "
+                                  f"split it or raise the limit")
     refs = [None if j.get("ref") is None else reference_image(j["ref"], d.height, d.width)
             for j in jobs]
     videos = gen.many(waves, [j.get("prompt", "") for j in jobs], refs, settings, show_progress)

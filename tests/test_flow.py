@@ -147,3 +147,14 @@ def test_guidance_combines_conditions():
     vc = flow.guided(model_fn, (("text", 2.0), ("audio", 3.0)), cosine=True)
     np.testing.assert_allclose(vc(s, 1.0)["video"], 32.0)  # full scale at t = 1
     np.testing.assert_allclose(vc(s, 0.0)["video"], 11.0, atol=1e-5)  # annealed to 1 at t = 0
+
+
+def test_token_motion_marks_the_tokens_that_move():
+    """The motion weight's input: zero on the first frame and on still patches, largest on
+    the one patch whose pixels change (a mouth opening), relative to the batch mean."""
+    video = np.zeros((1, 3, 8, 8, 3), np.float32)
+    video[0, 1:, 4:, 4:] = 1.0  # patch (1, 1) of 2x2 changes at frame 1
+    video[0, 2, 4:, 4:] = -1.0  # and again at frame 2
+    m = np.asarray(tokens.token_motion(jnp.asarray(video), 4)).reshape(3, 2, 2)
+    assert np.all(m[0] == 0) and np.all(m[:, :1] == 0) and np.all(m[:, :, :1] == 0)
+    assert m[2, 1, 1] == pytest.approx(2 * m[1, 1, 1]) and m.mean() == pytest.approx(1.0)

@@ -138,8 +138,8 @@ def test_batch_list_generates_every_file_like_one_at_a_time(dit_run, gen, tmp_pa
 
 
 def test_generator_from_exported_weights(dit_run, gen, tmp_path):
-    path = tmp_path / "dit.safetensors"
-    assert cli.main(["export", "--run", str(dit_run), "--out", str(path)]) == 0
+    path = tmp_path / "dit_export"
+    assert cli.main(["export", "--checkpoint", str(dit_run), "--out", str(path)]) == 0
     wave = generate.speech(text="Hi.")
     s = generate.Settings(steps=2)
     np.testing.assert_array_equal(generate.Generator(path)(wave, "", None, s, False),

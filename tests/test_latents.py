@@ -129,13 +129,13 @@ def test_dit_trains_on_latents(mode, vae_run, latents_dir, corpus_dir, tmp_path)
 
 
 def test_safetensors_export_loads_like_the_run(vae_run, corpus_dir, tmp_path):
-    path = tmp_path / "vae.safetensors"
-    assert cli.main(["export", "--run", str(vae_run[0]), "--out", str(path)]) == 0
+    path = tmp_path / "vae_export"
+    assert cli.main(["export", "--checkpoint", str(vae_run[0]), "--out", str(path)]) == 0
     a, b = Codec(vae_run[0]), Codec(path)
     assert b.report == a.report and b.cfg.vae.latent_channels == 4
     x = tfds.data_source("synthetic_aroll/tiny", data_dir=corpus_dir)["test"][0]["video"][None, :9]
     np.testing.assert_array_equal(a.encode(x), b.encode(x))
-    with open(path, "rb") as f:
+    with open(path / "model.safetensors", "rb") as f:
         assert b"pickle" not in f.read(2000)
 
 
@@ -152,17 +152,19 @@ def test_weights_file_that_does_not_fit_names_the_arrays(vae_run, tmp_path):
 
     from mirage_jax.train.checkpoint import CheckpointMismatch
 
-    good, bad = tmp_path / "vae.safetensors", tmp_path / "bad.safetensors"
-    assert cli.main(["export", "--run", str(vae_run[0]), "--out", str(good)]) == 0
-    with safe_open(str(good), framework="numpy") as f:
+    good, bad = tmp_path / "vae_export", tmp_path / "bad"
+    assert cli.main(["export", "--checkpoint", str(vae_run[0]), "--out", str(good)]) == 0
+    with safe_open(str(good / "model.safetensors"), framework="numpy") as f:
         meta, arrays = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     dropped = sorted(arrays)[0]
     grown = sorted(arrays)[1]
-    arrays["extra/kernel"] = arrays.pop(dropped)
+    arrays["extra.weight"] = arrays.pop(dropped)
     arrays[grown] = np.zeros((*arrays[grown].shape, 2), arrays[grown].dtype)
-    save_file(arrays, str(bad), metadata=meta)
+    bad.mkdir()
+    (bad / "config.json").write_text((good / "config.json").read_text())
+    save_file(arrays, str(bad / "model.safetensors"), metadata=meta)
     with pytest.raises(CheckpointMismatch) as e:
         Codec(bad)
     msg = str(e.value)
-    assert f"missing in file: {dropped}" in msg and "not in model: extra/kernel" in msg
-    assert f"shape differs: {grown} file" in msg
+    assert f"missing in export: {dropped}" in msg and "not in model: extra.weight" in msg
+    assert f"shape differs: {grown} export" in msg

@@ -106,6 +106,43 @@ def test_loss_parts_and_kl():
     np.testing.assert_allclose(kl, 0.5 * (1.0 + 0.25 - 1.0 - np.log(0.25)), rtol=1e-6)
 
 
+def test_motion_weight_counts_moving_pixels_more():
+    """A still clip loses nothing by the motion weight; an error on moving pixels costs more."""
+    cfg0, cfg1 = make_cfg(), make_cfg(motion_weight=4.0)
+    model = V.VAE(cfg0, nnx.Rngs(0))
+    still = {"video": np.zeros((2, 5, 16, 16, 3), np.float32)}
+    key = jax.random.key(0)
+    np.testing.assert_allclose(V.vae_loss(model, still, key, cfg1)[1]["l1"],
+                               V.vae_loss(model, still, key, cfg0)[1]["l1"], rtol=1e-6)
+    moving = {"video": np.asarray(video(jax.random.key(1), 5))}
+    assert V.vae_loss(model, moving, key, cfg1)[1]["l1"] > 1.5 * V.vae_loss(
+        model, moving, key, cfg0)[1]["l1"]
+
+
+def test_adversarial_terms_train_their_own_side():
+    """One loss, one optimizer: the generator term moves only the VAE, the critic's hinge
+    loss only the critic (each sees the other through stop_gradient)."""
+    cfg = make_cfg(adversarial_weight=0.1)
+    model = randomized(V.VAE(cfg, nnx.Rngs(0)))
+    assert "critic" in nnx.state(model, nnx.Param)
+    x = video(jax.random.key(1), 5)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def term(p, which):
+        m = nnx.merge(graphdef, p)
+        return V.adversarial_terms(m, m.decode(m.encode(x)[0]), x)[which]
+
+    def norms(grads, part):
+        return max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[part]))
+
+    gen, critic = jax.grad(term)(params, 0), jax.grad(term)(params, 1)
+    assert norms(gen, "critic") == 0.0 and norms(gen, "decoder") > 0.0
+    assert norms(critic, "decoder") == 0.0 and norms(critic, "encoder") == 0.0
+    assert norms(critic, "critic") > 0.0
+    loss, parts = V.vae_loss(model, {"video": x}, jax.random.key(2), cfg)
+    assert np.isfinite(float(loss)) and {"adv_gen", "adv_critic"} <= set(parts)
+
+
 def test_psnr():
     a = jnp.zeros((1, 2, 6, 4, 3))
     np.testing.assert_allclose(V.psnr(a + 0.2, a), 20.0, rtol=1e-5)  # 0.1 on [0,1]: 20 dB

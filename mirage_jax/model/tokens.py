@@ -65,6 +65,14 @@ def unpatchify(x: jax.Array, t: int, h: int, w: int, p: int) -> jax.Array:
     return x.reshape(b, t, h, w, c)
 
 
+def token_motion(video: jax.Array, p: int) -> jax.Array:
+    """[B, N] how much each video token changes from the previous frame (0 on the first),
+    relative to the batch mean: the few tokens that move with speech are the mouth's."""
+    change = jnp.abs(jnp.diff(video, axis=1, prepend=video[:, :1]))
+    per_token = jnp.mean(patchify(change, p), axis=-1)
+    return per_token / jnp.maximum(jnp.mean(per_token), 1e-6)
+
+
 def grid_positions(t, h: int, w: int, t0: float = 0.0) -> np.ndarray:
     """[T*h*w, 3] (time, row, column) in the patchify order; `t` is a frame count or the
     frames' time coordinates."""

@@ -40,6 +40,8 @@ def vae_defaults() -> dict:
         l1_weight=1.0,
         l2_weight=1.0,
         edge_weight=0.0,  # L1 of spatial finite differences (sharper edges); 0 = off
+        motion_weight=0.0,  # extra weight on pixels that change between frames (lips); 0 = off
+        adversarial_weight=0.0,  # hinge GAN term from a spatio-temporal patch critic; 0 = off
         tile_latents=8,  # latent frames produced per temporal tile
         tile_context=-1,  # latent frames of context before a tile; -1 = the exact minimum
     )
@@ -275,6 +277,8 @@ class VAE(nnx.Module):
         self.s = cfg.vae.spatial_factor
         self.encoder = Encoder(cfg, rngs)
         self.decoder = Decoder(cfg, rngs)
+        if cfg.vae.adversarial_weight:
+            self.critic = Critic(cfg, rngs)
         # Context (latent frames) a tile needs so its kept frames are exact.
         enc, dec = self.encoder.time_ops(), self.decoder.time_ops()
         self.enc_context = next(c for c in range(1000) if _trace_ok(enc, c))
@@ -342,6 +346,34 @@ class VAE(nnx.Module):
 # ----------------------------------------------------------------------------- loss and metrics
 
 
+class Critic(nnx.Module):
+    """PatchGAN-style critic for the optional adversarial term: causal convolutions over
+    (time, space), one realism score per patch and frame, so blur and frozen lips both show."""
+
+    def __init__(self, cfg, rngs, width: int = 32):
+        self.layers = nnx.List([
+            CausalConv3d(cfg, 3, width, (3, 4, 4), (1, 2, 2), names=("io", "embed"), rngs=rngs),
+            CausalConv3d(cfg, width, 2 * width, (3, 4, 4), (1, 2, 2), rngs=rngs),
+            CausalConv3d(cfg, 2 * width, 1, (1, 3, 3), names=("mlp", "io"), rngs=rngs),
+        ])
+
+    def __call__(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == 0 else layer(jax.nn.leaky_relu(x, 0.2))
+        return x.astype(jnp.float32)
+
+
+def adversarial_terms(model: "VAE", rec, x):
+    """(generator loss, critic hinge loss) in one differentiable expression: the generator
+    sees the critic through stop_gradient and the critic sees stop_gradient(rec), so a single
+    optimizer and train step update both without either term leaking into the other."""
+    graphdef, state = nnx.split(model.critic)
+    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+    gen = -jnp.mean(frozen(rec))
+    real, fake = model.critic(x), model.critic(jax.lax.stop_gradient(rec))
+    return gen, jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake))
+
+
 def kl_divergence(mean, logvar):
     """KL(N(mean, exp(logvar)) || N(0, 1)) in nats, averaged over latent elements."""
     return 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
@@ -354,21 +386,29 @@ def _edges(x):
 def vae_loss(model: VAE, batch: dict, key, cfg):
     """Weighted L1 + L2 (+ edge) reconstruction of a posterior sample, plus a small KL.
 
+    With `motion_weight`, each pixel's error counts 1 + motion_weight * |x_t - x_(t-1)|.
+
     batch['video']: [B, 1 + k*r, H, W, 3] in [-1, 1] (uint8 in [0, 255] is converted).
+    With `adversarial_weight`, a critic is trained alongside (`adversarial_terms`).
     Returns (loss, parts) with parts 'l1', 'l2', 'edge', 'kl', 'psnr' (all scalars).
     """
     v = cfg.vae
     x = to_signed(batch["video"])
     mean, logvar = model.encode(x)
     rec = model.decode(model.sample(key, mean, logvar))
-    err = rec - x
-    l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+    err, w = rec - x, 1.0
+    if v.motion_weight:  # moving pixels (the mouth) matter most and are the hardest to code
+        w = 1.0 + v.motion_weight * jnp.abs(jnp.diff(x, axis=1, prepend=x[:, :1])).mean(-1, keepdims=True)
+    l1, l2 = jnp.mean(w * jnp.abs(err)), jnp.mean(w * jnp.square(err))
     (ry, rx), (xy, xx) = _edges(rec), _edges(x)
     edge = 0.5 * (jnp.mean(jnp.abs(ry - xy)) + jnp.mean(jnp.abs(rx - xx)))
     kl = kl_divergence(mean, logvar)
     loss = v.l1_weight * l1 + v.l2_weight * l2 + v.edge_weight * edge + v.kl_weight * kl
     parts = {"l1": l1, "l2": l2, "edge": edge, "kl": kl,
              "psnr": psnr(jax.lax.stop_gradient(rec), x)}
+    if v.adversarial_weight:
+        parts["adv_gen"], parts["adv_critic"] = adversarial_terms(model, rec, x)
+        loss = loss + v.adversarial_weight * parts["adv_gen"] + parts["adv_critic"]
     return loss, parts
 
 

@@ -8,6 +8,7 @@ Restores are sharded: every array is read straight into the shards the target me
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 import jax
@@ -15,9 +16,15 @@ import orbax.checkpoint as ocp
 
 from mirage_jax.data import pipeline
 
+log = logging.getLogger("mirage_jax")
+
 
 class CheckpointMismatch(ValueError):
     """A checkpoint whose arrays do not fit the model the config builds."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint write failed (disk full, lost mount) and `on_error` says stop."""
 
 
 def _key(entry) -> str:
@@ -51,8 +58,14 @@ def _stateful(source) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, directory, every: int, keep: int, async_save: bool = True):
+    """`on_error`: what a failed write does, 'stop' (raise `CheckpointSaveError`) or
+    'continue' (log it; the next due step tries again). Either way the failed step never
+    becomes a step directory, so the previous checkpoint stays the latest."""
+
+    def __init__(self, directory, every: int, keep: int, async_save: bool = True,
+                 on_error: str = "stop"):
         self.directory = pathlib.Path(directory).absolute()
+        self.on_error, self._writing = on_error, None
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -81,17 +94,34 @@ class Checkpointer:
         """Saves if `step` is due (or `force`); a stateful data source saves its iterator
         position with it (each process its own). `json_items`: more named JSON items (a
         VAE's latent statistics)."""
+        if not (force or self.due(step)):
+            return False
+        self.wait()  # an asynchronous write of an earlier step fails here, not below
         data = {"data": pipeline.checkpoint_args(source)} if _stateful(source) else {}
         data.update({k: ocp.args.JsonSave(v) for k, v in (json_items or {}).items()})
-        return self.manager.save(
-            step,
-            force=force,
-            args=ocp.args.Composite(
-                **data,
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(json.loads(config.to_json())),
-            ),
-        )
+        self._writing = step
+        try:
+            return self.manager.save(
+                step,
+                force=force,
+                args=ocp.args.Composite(
+                    **data,
+                    state=ocp.args.StandardSave(state),
+                    config=ocp.args.JsonSave(json.loads(config.to_json())),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - any write failure: report, then stop or go on
+            self._failed(e)
+            return False
+
+    def _failed(self, error: Exception) -> None:
+        step, self._writing = self._writing, None
+        msg = (f"saving checkpoint step {step} in {self.directory} failed: "
+               f"{type(error).__name__}: {error}; the latest complete checkpoint is step "
+               f"{self.latest_step()}")
+        if self.on_error == "stop":
+            raise CheckpointSaveError(msg) from error
+        log.error("%s; training continues (train.on_save_error=continue)", msg)
 
     def read_json(self, step: int, item: str) -> dict | None:
         """A JSON item of `step` ('config', 'latent_stats'); None if that step has none."""
@@ -133,11 +163,18 @@ class Checkpointer:
         return out["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the asynchronous write in flight; its failure is handled by `on_error`."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._failed(e)
+        self._writing = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def find_checkpoints(run_dir) -> pathlib.Path:
@@ -151,16 +188,15 @@ def find_checkpoints(run_dir) -> pathlib.Path:
 
 def load_run(run_dir, mesh, weights: str = "ema", step: int | None = None) -> dict:
     """A trained model for inference: its config (as saved), graphdef and `weights`
-    ('ema' or 'params'), restored sharded onto `mesh`, and the step's JSON items.
-    `run_dir` may also be a `.safetensors` file written by `mirage_jax.export.save`."""
+    ('ema' or 'params'), restored sharded onto `mesh` (None: the run's own `config.mesh`, so
+    parameters stay sharded as in training), and the step's JSON items.
+    `run_dir` may also be a directory written by `mirage-jax export` (config.json and
+    safetensors): it holds the one set of weights it was exported with."""
     from mirage_jax import config as config_lib
+    from mirage_jax import export, sharding
     from mirage_jax.train import state as state_lib
 
-    if str(run_dir).endswith(".safetensors"):
-        from mirage_jax import export
-
-        if weights != "ema":
-            raise ValueError(f"{run_dir} holds inference weights only, not '{weights}'")
+    if export.is_export(run_dir):
         return export.load(run_dir, mesh)
     ckpt = Checkpointer(find_checkpoints(run_dir), every=1, keep=1, async_save=False)
     try:
@@ -169,7 +205,7 @@ def load_run(run_dir, mesh, weights: str = "ema", step: int | None = None) -> di
             raise FileNotFoundError(f"no checkpoint steps in {ckpt.directory}")
         where = str(ckpt.directory / str(step))
         cfg = config_lib.from_dict(ckpt.read_json(step, "config"), where)
-        setup = state_lib.setup(cfg, mesh)
+        setup = state_lib.setup(cfg, mesh or sharding.make_mesh(cfg.mesh))
         state = ckpt.restore(step, setup.abstract, setup.shardings)
         extra = {"latent_stats": ckpt.read_json(step, "latent_stats")}
     finally:

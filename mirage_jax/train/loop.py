@@ -1,6 +1,8 @@
 """The training loop: sharded state, one compiled step, metrics, checkpoints.
 
-No host sync in the loop: step k's metrics are fetched while step k+1 runs.
+No host sync in the loop: step k's metrics are fetched while step k+1 runs. SIGTERM/SIGINT
+(or a TPU preemption) end the run after the current step with its checkpoint saved; a
+step whose loss or gradients are not finite changes nothing and is counted.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import signal
+import threading
 import time
 
 import jax
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from mirage_jax import sharding
@@ -22,7 +27,7 @@ from mirage_jax.data.pipeline import GrainSource
 from mirage_jax.latents import Codec, report_batches, vae_report
 from mirage_jax.model.tokens import audio_frames, video_shape, video_tokens_per_second
 from mirage_jax.train import state as state_lib
-from mirage_jax.train.checkpoint import Checkpointer
+from mirage_jax.train.checkpoint import Checkpointer, CheckpointSaveError  # noqa: F401
 from mirage_jax.train.step import MODEL_KEYS, compile_step
 
 log = logging.getLogger("mirage_jax")
@@ -84,6 +89,76 @@ def vae_checkpoint_report(cfg, setup, state, batches, log) -> dict:
     return report
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many non-finite steps in a row); the message says where."""
+
+
+class StopRequest:
+    """Asks the loop to save and stop after the current step: SIGTERM or SIGINT in a single
+    process; in a multi-process job, the preemption sync point of jax.distributed's
+    preemption service, which catches the scheduler's SIGTERM itself and has every process
+    stop at the same step (a save is collective: one process stopping alone would hang the
+    others). A second signal acts as it would without this."""
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+        self.sync = jax.process_count() > 1
+        if not self.sync and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._old[signum])
+
+    def requested(self, step: int) -> str | None:
+        """Why to stop after `step` ('SIGTERM', 'SIGINT', 'preemption'), or None."""
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        if self.sync:
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return "preemption"
+            except RuntimeError:  # jax_enable_preemption_service is off
+                self.sync = False
+        return None
+
+    def close(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+class BadSteps:
+    """Counts the updates the step skipped for a non-finite loss or gradient (seen one step
+    late, in the metrics); `train.max_bad_steps` in a row stop the run with the step and its
+    examples named. `ids`: batch number -> the batch's record indices (this process's)."""
+
+    def __init__(self, cfg, ids: dict):
+        self.limit, self.ids = cfg.train.max_bad_steps, ids
+        self.where = f"{cfg.data.dataset} split '{cfg.data.split}'"
+        self.in_row = self.total = 0
+
+    def check(self, step: int, values: dict) -> None:
+        """`step` as in metrics.jsonl: the step that used batch `step - 1`."""
+        index = self.ids.pop(step - 1, None)
+        if not values.get("skipped"):
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        records = "?" if index is None else np.asarray(index).tolist()
+        examples = f"{self.where} records {records}"
+        log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row, %d in this "
+                    "run); batch: %s", step, values["loss"], values["grad_norm"], self.in_row,
+                    self.total, examples)
+        if self.limit and self.in_row >= self.limit:
+            raise TrainingStopped(
+                f"step {step}: loss or gradients not finite for {self.in_row} steps in a row "
+                f"(train.max_bad_steps={self.limit}); the batch of step {step} holds {examples}"
+            )
+
+
 class Metrics:
     """TensorBoard events, a JSON-lines file (one line per step) and a progress bar.
 
@@ -125,7 +200,8 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     setup = state_lib.setup(cfg, mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.train.ckpt_every, cfg.train.keep)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.train.ckpt_every, cfg.train.keep,
+                        on_error=cfg.train.on_save_error)
     latest = ckpt.latest_step()
     source = make_source(cfg)
     if resume and latest is not None:
@@ -175,27 +251,49 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
         codec = Codec(cfg.vae_checkpoint, mesh)
         codec.check(cfg)
     batch = model_batch(first, shard, codec)
-    with jax.set_mesh(mesh):
-        for step in range(start, cfg.train.steps):
-            state, out = step_fn(state, batch)
-            last = step + 1 == cfg.train.steps
-            extra = None
-            if cfg.task == "vae" and (last or ckpt.due(step + 1)):
-                stats_batches = stats_batches or report_batches(cfg)  # read once, when first due
-                extra = {"latent_stats": vae_checkpoint_report(cfg, setup, state, stats_batches,
-                                                               log)}
-            ckpt.save(step + 1, state, cfg, source, force=last, json_items=extra)
-            if not last:
-                batch = model_batch(source.batch(step + 1), shard, codec)  # overlaps the step
-            if pending is not None:  # the previous step's metrics: one step late, no sync now
-                losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
-            pending = (step, out)
-        if pending is not None:
-            jax.block_until_ready(pending[1])
-            losses.append(_emit(metrics, pending, cfg, flops, peak, tokens, window))
-    ckpt.close()
-    metrics.close()
+    ids = {start: first.get("index")}
+    bad, stop, stopped, step = BadSteps(cfg, ids), StopRequest(), None, start - 1
+
+    def emit(pending):
+        values = _emit(metrics, pending, cfg, flops, peak, tokens, window)
+        losses.append(float(values["loss"]))
+        bad.check(pending[0] + 1, values)
+
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start, cfg.train.steps):
+                state, out = step_fn(state, batch)
+                stopped = stop.requested(step + 1)
+                last = step + 1 == cfg.train.steps or stopped is not None
+                extra = None
+                if cfg.task == "vae" and (last or ckpt.due(step + 1)):
+                    stats_batches = stats_batches or report_batches(cfg)  # read once, when due
+                    extra = {"latent_stats": vae_checkpoint_report(cfg, setup, state,
+                                                                   stats_batches, log)}
+                ckpt.save(step + 1, state, cfg, source, force=last, json_items=extra)
+                if not last:
+                    local = source.batch(step + 1)
+                    ids[step + 1] = local.get("index")
+                    batch = model_batch(local, shard, codec)  # overlaps the step
+                if pending is not None:  # the previous step's metrics: one step late, no sync
+                    emit(pending)
+                pending = (step, out)
+                if stopped:
+                    break
+            if pending is not None:
+                jax.block_until_ready(pending[1])
+                emit(pending)
+    finally:
+        stop.close()
+        metrics.close()
+        ckpt.close()
+    if stopped:
+        log.warning("%s: stopped after step %d; the latest checkpoint is step %s in %s; "
+                    "continue with --resume", stopped, step + 1, ckpt.latest_step(),
+                    ckpt.directory)
     return {
+        "stopped": stopped,
+        "last_step": step + 1,
         "steps": cfg.train.steps,
         "start": start,
         "losses": losses,
@@ -216,4 +314,4 @@ def _emit(metrics, pending, cfg, flops, peak, tokens, window):
     metrics.step(step + 1, values, log_now)
     if log_now:
         window.update(steps=0, t0=time.perf_counter())
-    return float(values["loss"])
+    return values

@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from mirage_jax import flow, sharding
-from mirage_jax.model.tokens import batch_to_streams
+from mirage_jax.model.tokens import batch_to_streams, token_motion
 from mirage_jax.model.vae import vae_loss
 
 MODEL_KEYS = ("video", "audio", "text", "ref")
@@ -26,6 +26,9 @@ def batch_loss(model, batch: dict, key, cfg):
     # Rectified flow: tokens, task/time/noise draw, velocity error.
     streams = batch_to_streams(batch, cfg)
     noised, targets, weights = flow.training_inputs(key, streams, cfg)
+    if cfg.flow.motion_weight:  # lip sync lives in the few tokens that move
+        motion = token_motion(batch["video"].astype(jnp.float32), cfg.model.patch)
+        weights["video"] = weights["video"] * (1.0 + cfg.flow.motion_weight * motion)
     return flow.loss_fn(model(noised), targets, weights)
 
 
@@ -74,10 +77,18 @@ def make_train_step(cfg, s):
         params = optax.apply_updates(params, updates)
         decay = cfg.optim.ema_decay
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
+        # A non-finite loss or gradient skips the whole update here, on the device (no host
+        # sync); `step` still advances with the data, and the loop counts `skipped`.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state, ema = jax.tree.map(
+            lambda n, o: jnp.where(ok, n, o), (params, opt_state, ema),
+            (state["params"], state["opt_state"], state["ema"]),
+        )
         new = dict(
             step=state["step"] + 1, rng=state["rng"], params=params, opt_state=opt_state, ema=ema
         )
-        metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": s.schedule(state["step"])}
+        metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": s.schedule(state["step"]),
+                   "skipped": (~ok).astype(jnp.float32)}
         return new, metrics
 
     return train_step
