@@ -1,25 +1,69 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU pod slice: the same command runs on every host (one process per host);
-# jax.distributed finds the other hosts from the TPU metadata.
+# Train on a Cloud TPU slice: create it (a TPU VM, or a queued resource) unless it exists,
+# copy this working tree to every host, install, and run the same `mirage-jax train
+# --distributed` on all hosts (--worker=all; one process per host, jax.distributed finds
+# the others from the TPU metadata). Logs stream here and to logs/TPU_NAME-<time>.log.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE configs/mirage_1b.py gs://bucket/run1 [--config.x=y ...]
+#   TPU_NAME=mirage ZONE=us-east5-a ACCELERATOR_TYPE=v5p-256 \
+#     launch/tpu_pod.sh configs/mirage_10b.py gs://bucket/runs/run1 [--config.x=y ...]
 #
-# The workdir should be a bucket path every host can write (Orbax writes checkpoints there).
+# Env: TPU_NAME, ZONE (required); PROJECT (default: gcloud's); ACCELERATOR_TYPE (default
+# v5p-64) and RUNTIME_VERSION (default v2-alpha-tpuv5) when creating; QUEUED=1 creates a
+# queued resource and waits for it (SPOT=1 asks for spot capacity); REMOTE_DIR (default
+# mirage_jax) on the hosts. The workdir must be a bucket path every host can write (Orbax
+# checkpoints); the run resumes from its latest checkpoint if there is one.
 set -euo pipefail
-if [ $# -lt 4 ]; then
-  echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [overrides...]" >&2
+if [ $# -lt 2 ] || [ -z "${TPU_NAME:-}" ] || [ -z "${ZONE:-}" ]; then
+  echo "usage: TPU_NAME=... ZONE=... $0 CONFIG WORKDIR [--config.x=y ...]" >&2
   exit 2
 fi
-TPU_NAME=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4
-shift 4
-REPO_URL=${REPO_URL:-$(git remote get-url origin)}
-BRANCH=${BRANCH:-$(git rev-parse --abbrev-ref HEAD)}
-OVERRIDES=$(printf ' %q' "$@")
+CONFIG=$1 WORKDIR=$2
+shift 2
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5p-64}
+RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5}
+REMOTE_DIR=${REMOTE_DIR:-mirage_jax}
+GC=(gcloud compute tpus)
+WHERE=(--zone "$ZONE")
+if [ -n "${PROJECT:-}" ]; then WHERE+=(--project "$PROJECT"); fi
 
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
+if ! "${GC[@]}" tpu-vm describe "$TPU_NAME" "${WHERE[@]}" > /dev/null 2>&1; then
+  if [ "${QUEUED:-0}" = 1 ]; then
+    extra=()
+    if [ "${SPOT:-0}" = 1 ]; then extra+=(--spot); fi
+    "${GC[@]}" queued-resources create "$TPU_NAME" --node-id "$TPU_NAME" "${WHERE[@]}" \
+      --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$RUNTIME_VERSION" "${extra[@]}"
+    while true; do
+      state=$("${GC[@]}" queued-resources describe "$TPU_NAME" "${WHERE[@]}" \
+        --format='value(state.state)')
+      echo "queued resource $TPU_NAME: $state"
+      case "$state" in
+        ACTIVE) break ;;
+        FAILED|SUSPENDED) exit 1 ;;
+      esac
+      sleep 60
+    done
+  else
+    "${GC[@]}" tpu-vm create "$TPU_NAME" "${WHERE[@]}" \
+      --accelerator-type "$ACCELERATOR_TYPE" --version "$RUNTIME_VERSION"
+  fi
+fi
+
+# The working tree as it is (uncommitted edits included), without the venv, data and runs.
+cd "$(dirname "$0")/.."
+archive=$(mktemp --suffix=.tar.gz)
+trap 'rm -f "$archive"' EXIT
+tar czf "$archive" --exclude=.git --exclude=.venv --exclude=data_dir --exclude=runs \
+  --exclude=demo_out --exclude=logs --exclude='*.egg-info' .
+"${GC[@]}" tpu-vm scp "$archive" "$TPU_NAME:mirage_code.tar.gz" "${WHERE[@]}" --worker=all
+
+mkdir -p logs
+log="logs/$TPU_NAME-$(date +%Y%m%d-%H%M%S).log"
+overrides=$(printf ' %q' "$@")
+"${GC[@]}" tpu-vm ssh "$TPU_NAME" "${WHERE[@]}" --worker=all --command "
   set -e
-  test -d mirage_jax || git clone --branch $BRANCH $REPO_URL mirage_jax
-  cd mirage_jax && git fetch -q && git checkout -q $BRANCH && git pull -q
-  python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'
-  .venv/bin/mirage-jax train --distributed --config $CONFIG --workdir $WORKDIR --resume $OVERRIDES
-"
+  mkdir -p $REMOTE_DIR && tar xzf mirage_code.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR
+  test -x .venv/bin/mirage-jax || python3 -m venv .venv
+  .venv/bin/pip install -q -e '.[tpu]'
+  .venv/bin/mirage-jax train --distributed --config $(printf '%q' "$CONFIG") \
+    --workdir $(printf '%q' "$WORKDIR") --resume $overrides
+" 2>&1 | tee "$log"

@@ -7,7 +7,10 @@ mirage-jax generate --checkpoint DIT_RUN --text "Hello there." --out hello.mp4
 mirage-jax export --checkpoint VAE_RUN --out vae_export [--no-ema] [--dtype bfloat16]
 mirage-jax import-torch vae_export --out VAE_RUN_AGAIN
 mirage-jax bench data --config configs/demo.py
+mirage-jax probe --checkpoint AMDIM_RUN --data_dir DATA --out probe.json
+mirage-jax plan --config configs/mirage_10b.py --mesh fsdp=64 --chips v5p,h100
 mirage-jax demo  [--workdir demo_out]
+mirage-jax stitch-experiment --data_dir DATA [--steps 400] [--config.model.patch=8]
 """
 
 from __future__ import annotations
@@ -192,6 +195,37 @@ def _bench(args, overrides):
     return 0
 
 
+def _probe(args, overrides):
+    """Linear probes (viseme, speaker) on a trained AMDIM's frozen features (amdim/probe.py)."""
+    from mirage_jax.amdim import probe
+
+    result = probe.run(args.checkpoint, args.dataset, args.data_dir, args.train_stride,
+                       args.test_stride, args.max_clips)
+    probe.write(result, args.out)
+    print(f"probe accuracy on {result['test_frames']} held-out frames -> {args.out}")
+    for label, row in result["accuracy"].items():
+        print(f"  {label:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    return 0
+
+
+def _plan(args, overrides):
+    """The train step AOT-compiled on simulated devices: memory and time per chip (plan.py)."""
+    from mirage_jax import plan
+
+    sizes = plan.parse_mesh(args.mesh)
+    chips = [c.strip().lower() for c in args.chips.split(",") if c.strip()]
+    unknown = sorted(set(chips) - set(plan.CHIPS))
+    if unknown:
+        raise ValueError(f"unknown chips {unknown}; known: {', '.join(plan.CHIPS)}")
+    cfg = config_lib.load(args.config, [*overrides, *(f"mesh.{a}={n}" for a, n in sizes.items())])
+    r = plan.plan(cfg, chips, args.step_time)
+    print(plan.report(r, args.step_time))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
 def _demo(args, overrides):
     """The main job: corpus -> VAE -> cached latents -> DiT -> generated mp4 (mirage_jax/demo.py)."""
     from mirage_jax import demo
@@ -199,6 +233,18 @@ def _demo(args, overrides):
     report = demo.run(args.workdir, overrides, args.data_dir, args.vae)
     print(json.dumps(report, indent=1))
     print(f"demo: {args.workdir}/demo.mp4, ground_truth.mp4, strip.png, summary.json")
+    return 0
+
+
+def _stitch_experiment(args, overrides):
+    """Audio model from scratch vs stitched into a silent model (mirage_jax/stitch_experiment.py)."""
+    from mirage_jax import stitch_experiment
+
+    result = stitch_experiment.run(args.workdir, args.data_dir, args.steps, args.every,
+                                   args.warmup_new, args.clips, args.sample_steps, overrides)
+    last = {k: result["curves"][k]["eval"][-1] for k in ("scratch", "stitched")}
+    print(json.dumps({"ground_truth": result["ground_truth"], "last": last}, indent=1))
+    print(f"stitch-experiment: {args.workdir}/stitch_experiment.png, stitch_experiment.json")
     return 0
 
 
@@ -275,11 +321,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--seconds", type=float, default=10.0)
     p.set_defaults(run=_bench)
+    p = sub.add_parser("probe", help="linear probes on a trained AMDIM encoder's features")
+    p.add_argument("--checkpoint", required=True, help="workdir (or checkpoints dir) of a run")
+    p.add_argument("--dataset", help="default: the run's data.dataset")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", help="default: the run's")
+    p.add_argument("--train-stride", type=int, default=5, help="every n-th frame of train clips")
+    p.add_argument("--test-stride", type=int, default=1, help="every n-th frame of test clips")
+    p.add_argument("--max-clips", type=int, default=0, help="clips per split (0: all)")
+    p.add_argument("--out", required=True, help="the JSON report")
+    p.set_defaults(run=_probe)
+    p = sub.add_parser("plan", help="per-device memory and step time of a config on a mesh")
+    p.add_argument("--config", required=True)
+    p.add_argument("--mesh", required=True, help="data=A,fsdp=B,tensor=C,sequence=D (unnamed: 1)")
+    p.add_argument("--chips", default="v5e,v5p,v6e,h100,h200", help="comma-separated")
+    p.add_argument("--step-time", type=float, default=0.0, help="seconds: print the MFU it needs")
+    p.add_argument("--json", help="also write the figures to this file")
+    p.set_defaults(run=_plan)
     p = sub.add_parser("demo", help="the README's main job on the built-in data")
     p.add_argument("--workdir", default="demo_out")
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", help="default: WORKDIR/data")
     p.add_argument("--vae", help="VAE run or export (default: the shipped demo weights)")
     p.set_defaults(run=_demo)
+    p = sub.add_parser("stitch-experiment",
+                       help="audio model from scratch vs stitched into a silent model")
+    p.add_argument("--workdir", default="stitch_out")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default="data_dir")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps per arm")
+    p.add_argument("--every", type=int, default=50, help="checkpoint and evaluate every N")
+    p.add_argument("--warmup_new", type=int, default=50, help="train.warmup_new_steps")
+    p.add_argument("--clips", type=int, default=16, help="held-out clips evaluated")
+    p.add_argument("--sample_steps", type=int, default=16, help="Euler steps per video")
+    p.set_defaults(run=_stitch_experiment)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge"):

@@ -14,6 +14,7 @@ import pathlib
 
 import ml_collections
 
+from mirage_jax.amdim.model import amdim_defaults
 from mirage_jax.model.tokens import video_shape
 from mirage_jax.model.vae import vae_defaults
 
@@ -43,8 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
     """The schema with defaults (a tiny model). Config files start from this."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "dit"  # which model the train loop builds: dit | vae
+    c.task = "dit"  # which model the train loop builds: dit | vae | amdim
     c.vae_checkpoint = ""  # VAE run dir or export dir: encodes (data.video='encode'), decodes
+    # A run (or its checkpoints/) to start from: parameters whose path and shape match are
+    # restored, the rest are new (mirage_jax/train/stitch.py); a fresh optimizer and step 0.
+    c.init_from = ""
 
     c.model = dict(
         depth=2,
@@ -63,8 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
         ref_time=-4.0,  # time coordinate of the reference image, in video frames
         scan_layers=True,
         remat="none",  # none | full | save_dots | offload
+        attention="xla",  # xla (reference) | blockwise (any backend) | cudnn (GPU) | splash (TPU)
+        attention_block=512,  # query/key block of blockwise and splash attention
         dtype="float32",  # compute dtype: float32 | bfloat16
         param_dtype="float32",
+        audio=True,  # False: a silent model (no audio stream, tokens or head; text/ref -> video)
+        ref=True,  # False: no reference-image tokens
+        # Groups stitched into a trained model (e.g. ('audio',) or ('ref',)): their keys get a
+        # learned per-head logit offset starting at stitch_offset (softmax weight ~1e-13), and
+        # their own parameters are the "new" ones that train.warmup_new_steps trains first.
+        stitch=(),
+        stitch_offset=-30.0,
     )
 
     c.data = dict(
@@ -120,9 +133,13 @@ def base_config() -> ml_collections.ConfigDict:
         peak_flops=0.0,  # FLOP/s for MFU; 0 measures a matmul at start
         max_bad_steps=10,  # non-finite loss/grads skip the update; this many in a row stop (0: no)
         on_save_error="stop",  # a failed checkpoint write: 'stop' training or log and 'continue'
+        # Stitching warm-up: the first N steps train only model.stitch's new parameters (the
+        # rest frozen, no optimizer state for them), then everything with a fresh lr warm-up.
+        warmup_new_steps=0,
     )
 
     c.vae = vae_defaults()  # the video VAE (mirage_jax/model/vae.py)
+    c.amdim = amdim_defaults()  # the AMDIM encoder and its views (mirage_jax/amdim/)
 
     c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)  # -1: the remaining devices
     c.sharding_rules = DEFAULT_RULES
@@ -218,13 +235,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Cross-field checks that a type system cannot express."""
     m, d = cfg.model, cfg.data
     checks = [
-        (cfg.task in ("dit", "vae"), "task", cfg.task),
+        (cfg.task in ("dit", "vae", "amdim"), "task", cfg.task),
+        (cfg.task != "amdim" or d.video == "pixels", "data.video", d.video),
+        (cfg.amdim.image_size in (32, 64), "amdim.image_size", cfg.amdim.image_size),
+        (cfg.amdim.ndf > 0 and cfg.amdim.depth > 0 and cfg.amdim.n_rkhs > 0, "amdim.ndf",
+         cfg.amdim.ndf),
+        (cfg.amdim.tclip > 0, "amdim.tclip", cfg.amdim.tclip),
+        (0 < cfg.amdim.crop_min_scale <= 1, "amdim.crop_min_scale", cfg.amdim.crop_min_scale),
+        (cfg.task != "amdim" or d.global_batch * (d.frames + cfg.amdim.use_ref) >= 2,
+         "data.global_batch", d.global_batch),  # InfoNCE needs another image as a negative
         (d.video in ("pixels", "latents", "encode"), "data.video", d.video),
         (d.video != "encode" or bool(cfg.vae_checkpoint), "vae_checkpoint", cfg.vae_checkpoint),
         (d.video == "pixels" or not d.random_flip, "data.random_flip", d.random_flip),
         (d.video == "pixels" or (d.frames - 1) % cfg.vae.temporal_factor == 0, "data.frames",
          d.frames),
         (m.remat in ("none", "full", "save_dots", "offload"), "model.remat", m.remat),
+        (m.attention in ("xla", "blockwise", "cudnn", "splash"), "model.attention", m.attention),
+        (m.attention_block > 0, "model.attention_block", m.attention_block),
         (m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype),
         (m.param_dtype in ("float32", "bfloat16"), "model.param_dtype", m.param_dtype),
         (m.text_encoder in ("bytes", "precomputed"), "model.text_encoder", m.text_encoder),
@@ -235,6 +262,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          cfg.train.on_save_error),
         (cfg.train.max_bad_steps >= 0, "train.max_bad_steps", cfg.train.max_bad_steps),
         (cfg.flow.p_joint + cfg.flow.p_video_to_audio <= 1.0, "flow.p_joint", cfg.flow.p_joint),
+        (set(m.stitch) <= {g for g in ("audio", "ref") if m[g]}, "model.stitch", m.stitch),
+        (0 <= cfg.train.warmup_new_steps < max(cfg.train.steps, 1)
+         and (not cfg.train.warmup_new_steps or bool(m.stitch)), "train.warmup_new_steps",
+         cfg.train.warmup_new_steps),
     ]
     for ok, key, value in checks:
         if not ok:

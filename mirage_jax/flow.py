@@ -47,6 +47,8 @@ def training_inputs(key, streams: dict[str, Stream], cfg):
     u = jax.random.uniform(ks[0], (b,))
     gen_audio = u < f.p_joint + f.p_video_to_audio  # joint or video->audio
     gen_video = (u < f.p_joint) | (u >= f.p_joint + f.p_video_to_audio)  # joint or audio->video
+    if not cfg.model.audio:  # a silent model: text/ref -> video only
+        gen_audio, gen_video = jnp.zeros((b,), bool), jnp.ones((b,), bool)
 
     video_t = streams["video"].pos[..., 0]  # frame index of every video token
     frames = streams["video"].pos[:, -1, 0] + 1
@@ -86,7 +88,7 @@ def training_inputs(key, streams: dict[str, Stream], cfg):
 def loss_fn(velocity: dict, targets: dict, weights: dict):
     """Mean squared velocity error over generated tokens, per stream, summed over streams."""
     total, parts = 0.0, {}
-    for g in GENERATED:
+    for g in (g for g in GENERATED if g in velocity):  # a silent model has no audio
         err = jnp.mean(jnp.square(velocity[g].astype(jnp.float32) - targets[g]), axis=-1)
         parts[f"loss_{g}"] = jnp.sum(err * weights[g]) / jnp.maximum(jnp.sum(weights[g]), 1.0)
         total = total + parts[f"loss_{g}"]

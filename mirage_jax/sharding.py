@@ -84,12 +84,14 @@ def state_shardings(abstract_model, abstract_state, tx: optax.GradientTransforma
     """Shardings of the whole train state: optimizer moments and EMA follow their parameter."""
     params = param_shardings(abstract_model, abstract_state["params"], mesh, rules)
     replicated = NamedSharding(mesh, P())
+    masked = lambda v: isinstance(v, optax.MaskedNode)  # a frozen parameter: no moments
     opt = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda v, s: v if masked(v) else s,
         abstract_state["opt_state"],
         params,
         transform_non_params=lambda _: replicated,
+        is_leaf=masked,
     )
     return dict(step=replicated, rng=replicated, params=params, ema=params, opt_state=opt)
 

@@ -37,7 +37,7 @@ def test_two_processes_match_one(tmp_path, tiny_cfg, corpus_dir):
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # 2 x 4 = the same 8 devices
     env["BIN"] = f"{sys.executable} -m mirage_jax.cli"
     two = subprocess.run(
-        ["bash", "launch/local_multiprocess.sh", "2", args[1], str(tmp_path / "two"), *args[2:]],
+        ["bash", "launch/local.sh", "2", args[1], str(tmp_path / "two"), *args[2:]],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "process 1 of 2, 4 local / 8 global devices" in two.stderr

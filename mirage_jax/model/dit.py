@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mirage_jax.model.attention import attend
+from mirage_jax.model.attention import reference as attention  # noqa: F401 (dit.attention)
 from mirage_jax.model.tokens import GENERATED, GROUPS, STREAM_OF, Stream, video_shape
 from mirage_jax.sharding import constrain
 
@@ -62,7 +64,15 @@ def _modulate(x, shift, scale):
 
 def stream_widths(cfg) -> dict[str, int]:
     m = cfg.model
-    return {"video": m.video_width, "audio": m.audio_width, "text": m.text_width}
+    widths = {"video": m.video_width, "audio": m.audio_width, "text": m.text_width}
+    return {s: w for s, w in widths.items() if s != "audio" or m.audio}
+
+
+def active_groups(cfg) -> tuple[str, ...]:
+    """The groups of the joint sequence this model has: a silent model (`model.audio=False`)
+    has no audio tokens, a model without `model.ref` no reference image."""
+    m = cfg.model
+    return tuple(g for g in GROUPS if (g != "audio" or m.audio) and (g != "ref" or m.ref))
 
 
 def rope(x, pos, freqs):
@@ -79,15 +89,6 @@ def init_rope_freqs(key, heads, head_dim, theta):
     dirs = jax.random.normal(key, (heads, head_dim // 2, 3))
     dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
     return mags[None, :, None] * dirs
-
-
-def attention(q, k, v, key_mask):
-    """Joint softmax attention; q,k,v [B,N,H,D], key_mask [B,N] (False = not attended)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(key_mask[:, None, None, :], logits, -1e30)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class StreamLayer(nnx.Module):
@@ -130,11 +131,17 @@ class Block(nnx.Module):
             init_rope_freqs(rngs.params(), m.num_heads, m.head_dim, m.rope_theta),
             out_sharding=("heads", "head_dim", None),
         )
+        # Stitching: a learned per-head offset on the logits of a new group's keys, starting
+        # low, so the trained streams at first attend to it with weight ~exp(stitch_offset).
+        for g in m.stitch:
+            setattr(self, f"{g}_key_offset", nnx.Param(
+                jnp.full((m.num_heads,), m.stitch_offset, jnp.float32), out_sharding=("heads",)))
 
     def __call__(self, xs: dict, ctx: dict) -> dict:
         heads, rules = self.cfg.model.num_heads, self.cfg.sharding_rules
-        qs, ks, vs, mods = [], [], [], {}
-        for g in GROUPS:
+        groups, stitch = active_groups(self.cfg), self.cfg.model.stitch
+        qs, ks, vs, mods, bias = [], [], [], {}, []
+        for g in groups:
             layer = getattr(self, STREAM_OF[g])
             mods[g] = jnp.split(layer.mod(ctx["cond"][g]), 6, axis=-1)
             shift, scale = mods[g][0], mods[g][1]
@@ -142,12 +149,16 @@ class Block(nnx.Module):
             qs.append(rope(q, ctx["pos"][g], self.rope_freqs[...]))
             ks.append(rope(k, ctx["pos"][g], self.rope_freqs[...]))
             vs.append(v)
+            if stitch:  # per-key bias: the stitched groups' offsets, 0 for the rest
+                offset = getattr(self, f"{g}_key_offset")[...] if g in stitch else jnp.zeros(heads)
+                bias.append(jnp.broadcast_to(offset, (*k.shape[:2], heads)))
         q, k, v = (jnp.concatenate(a, axis=1) for a in (qs, ks, vs))
-        out = attention(q, k, v, ctx["key_mask"])
+        key_bias = jnp.concatenate(bias, axis=1) if stitch else None
+        out = attend(q, k, v, ctx["key_mask"], self.cfg.model, rules, key_bias)
         out = constrain(out, ("batch", "length", "heads", "head_dim"), rules)
-        offsets = list(itertools.accumulate(xs[g].shape[1] for g in GROUPS))[:-1]
+        offsets = list(itertools.accumulate(xs[g].shape[1] for g in groups))[:-1]
         new = {}
-        for g, o in zip(GROUPS, jnp.split(out, offsets, axis=1)):
+        for g, o in zip(groups, jnp.split(out, offsets, axis=1)):
             layer = getattr(self, STREAM_OF[g])
             _, _, gate1, shift2, scale2, gate2 = mods[g]
             x = xs[g] + gate1 * layer.o(o.reshape(*o.shape[:2], -1))
@@ -194,7 +205,8 @@ class DiT(nnx.Module):
         w = stream_widths(cfg)
         patch_dim = m.patch * m.patch * video_shape(cfg)[3]
         self.video_in = _linear(cfg, patch_dim, w["video"], ("io", "embed"), rngs)
-        self.audio_in = _linear(cfg, d.audio_features, w["audio"], ("io", "embed"), rngs)
+        if m.audio:  # a silent model has no audio stream
+            self.audio_in = _linear(cfg, d.audio_features, w["audio"], ("io", "embed"), rngs)
         if m.text_encoder == "bytes":
             self.text_in = nnx.Embed(
                 m.text_vocab,
@@ -220,7 +232,8 @@ class DiT(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.video_out = OutputHead(cfg, w["video"], patch_dim, rngs)
-        self.audio_out = OutputHead(cfg, w["audio"], d.audio_features, rngs)
+        if m.audio:
+            self.audio_out = OutputHead(cfg, w["audio"], d.audio_features, rngs)
 
     def embed(self, streams: dict[str, Stream]) -> dict:
         dtype = DTYPES[self.cfg.model.dtype]
@@ -229,13 +242,9 @@ class DiT(nnx.Module):
             text = self.text_in(text) + self.text_pos[: text.shape[1]]
         else:
             text = self.text_in(text)
-        xs = {
-            "video": self.video_in(streams["video"].x),
-            "ref": self.video_in(streams["ref"].x),
-            "audio": self.audio_in(streams["audio"].x),
-            "text": text,
-        }
-        return {g: x.astype(dtype) for g, x in xs.items()}
+        embed = {"video": self.video_in, "ref": self.video_in, "text": lambda _: text,
+                 "audio": getattr(self, "audio_in", None)}
+        return {g: embed[g](streams[g].x).astype(dtype) for g in active_groups(self.cfg)}
 
     def run_blocks(self, xs, ctx):
         policy = REMAT_POLICIES[self.cfg.model.remat]
@@ -254,17 +263,15 @@ class DiT(nnx.Module):
         return xs
 
     def __call__(self, streams: dict[str, Stream]) -> dict[str, jax.Array]:
-        dtype = DTYPES[self.cfg.model.dtype]
+        dtype, groups = DTYPES[self.cfg.model.dtype], active_groups(self.cfg)
         ctx = {
-            "cond": {g: self.time(s.t).astype(dtype) for g, s in streams.items()},
-            "pos": {g: s.pos for g, s in streams.items()},
-            "key_mask": jnp.concatenate([streams[g].mask for g in GROUPS], axis=1),
+            "cond": {g: self.time(streams[g].t).astype(dtype) for g in groups},
+            "pos": {g: streams[g].pos for g in groups},
+            "key_mask": jnp.concatenate([streams[g].mask for g in groups], axis=1),
         }
         xs = self.run_blocks(self.embed(streams), ctx)
-        return {
-            "video": self.video_out(xs["video"], ctx["cond"]["video"]),
-            "audio": self.audio_out(xs["audio"], ctx["cond"]["audio"]),
-        }
+        return {g: getattr(self, f"{g}_out")(xs[g], ctx["cond"][g])
+                for g in ("video", "audio") if g in groups}
 
 
 assert set(GENERATED) == {"video", "audio"}

@@ -70,6 +70,8 @@ def tokens_per_example(cfg) -> int:
     d, p = cfg.data, cfg.model.patch
     if cfg.task == "vae":
         return d.frames
+    if cfg.task == "amdim":  # images per example
+        return d.frames + int(cfg.amdim.use_ref)
     t, h, w, _ = video_shape(cfg)
     per_frame = (h // p) * (w // p)
     return t * per_frame + per_frame + audio_frames(cfg) + d.text_len
@@ -211,6 +213,10 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
         if latest is not None:
             raise FileExistsError(f"{ckpt.directory} already holds step {latest}; pass --resume")
         state = state_lib.init_state(cfg, setup)
+        if cfg.init_from:  # stitching: restore what matches, keep the rest fresh
+            from mirage_jax.train import stitch
+
+            state, _ = stitch.init_from(cfg, setup, state, workdir)
     start = int(state["step"])
     shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
     first = source.batch(start)

@@ -17,15 +17,28 @@ import optax
 from flax import nnx
 
 from mirage_jax import sharding
+from mirage_jax.amdim.model import AMDIM
 from mirage_jax.model.dit import DiT
 from mirage_jax.model.vae import VAE
 
-MODELS = {"dit": DiT, "vae": VAE}
+MODELS = {"dit": DiT, "vae": VAE, "amdim": AMDIM}
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW on float32 moments, warm-up then cosine decay, global-norm clipping."""
     o = cfg.optim
+
+    def adamw(schedule):
+        return optax.chain(
+            optax.clip_by_global_norm(o.clip_norm),
+            optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                        mu_dtype=jnp.float32),
+        )
+
+    if cfg.train.warmup_new_steps:  # stitching: new parameters first, then all (stitch.py)
+        from mirage_jax.train import stitch
+
+        return stitch.warmup_then_all(cfg, adamw)
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=o.lr,
@@ -33,11 +46,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         decay_steps=max(cfg.train.steps, o.warmup_steps + 1),
         end_value=o.lr * o.end_lr_ratio,
     )
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mu_dtype=jnp.float32),
-    )
-    return tx, schedule
+    return adamw(schedule), schedule
 
 
 @dataclasses.dataclass

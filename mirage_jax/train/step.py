@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from mirage_jax import flow, sharding
+from mirage_jax.amdim.loss import amdim_loss
 from mirage_jax.model.tokens import batch_to_streams, token_motion
 from mirage_jax.model.vae import vae_loss
 
@@ -23,6 +24,8 @@ def batch_loss(model, batch: dict, key, cfg):
     """Loss of one batch for `cfg.task`; returns (loss, named parts)."""
     if cfg.task == "vae":
         return vae_loss(model, batch, key, cfg)
+    if cfg.task == "amdim":
+        return amdim_loss(model, batch, key, cfg)
     # Rectified flow: tokens, task/time/noise draw, velocity error.
     streams = batch_to_streams(batch, cfg)
     noised, targets, weights = flow.training_inputs(key, streams, cfg)

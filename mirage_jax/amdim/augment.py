@@ -1,0 +1,87 @@
+"""AMDIM's views of one image, made on the device inside the loss.
+
+As in the reference: one horizontal flip shared by both views, then for each view
+independently a random resized crop (area 0.3-1, aspect 0.7-1.4) back to the encoder's
+size, colour jitter (p = 0.8) and greyscale (p = 0.25). Why on the device: the views cost
+a few matrix products per image there, the step's key makes them reproducible and
+resumable with no pipeline state, and the grain pipeline stays the one every task uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                       [0.211, -0.523, 0.312]], np.float32)
+YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ).astype(np.float32)
+
+
+def _interp(coords, n: int):
+    """[S, n] bilinear weights of source pixels for sample positions `coords` (pixels)."""
+    coords = jnp.clip(coords, 0.0, n - 1.0)
+    return jnp.maximum(0.0, 1.0 - jnp.abs(coords[:, None] - jnp.arange(n)[None, :]))
+
+
+def crop_resize(img, box, size: int):
+    """The box (y0, x0, h, w), as fractions of the image, of img [H, W, C] resampled
+    bilinearly to [size, size, C]: two small matrix products."""
+    y0, x0, h, w = box
+    t = (jnp.arange(size) + 0.5) / size
+    ry = _interp((y0 + t * h) * img.shape[0] - 0.5, img.shape[0])
+    rx = _interp((x0 + t * w) * img.shape[1] - 0.5, img.shape[1])
+    return jnp.einsum("sh,hwc,tw->stc", ry, img, rx)
+
+
+def resize(images, size: int):
+    """[N, H, W, C] -> [N, size, size, C], the whole frame (no-op at that size)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    full = jnp.array([0.0, 0.0, 1.0, 1.0])
+    return jax.vmap(lambda x: crop_resize(x, full, size))(images)
+
+
+def _random_box(key, min_scale: float):
+    ka, kr, ky, kx = jax.random.split(key, 4)
+    area = jax.random.uniform(ka, (), minval=min_scale, maxval=1.0)
+    ratio = jnp.exp(jax.random.uniform(kr, (), minval=math.log(0.7), maxval=math.log(1.4)))
+    h = jnp.minimum(jnp.sqrt(area / ratio), 1.0)
+    w = jnp.minimum(jnp.sqrt(area * ratio), 1.0)
+    return jnp.stack([jax.random.uniform(ky) * (1 - h), jax.random.uniform(kx) * (1 - w), h, w])
+
+
+def _colour(key, x, a):
+    """Jitter (brightness, contrast, saturation, hue) and greyscale of x [S, S, 3] in [0, 1]."""
+    kb, kc, ks, kh, kp, kg = jax.random.split(key, 6)
+    u = lambda k, r: jax.random.uniform(k, (), minval=-r, maxval=r)
+    y = x * (1 + u(kb, a.jitter))
+    mean = jnp.mean(y @ LUMA)
+    y = (y - mean) * (1 + u(kc, a.jitter)) + mean
+    grey = (y @ LUMA)[..., None]
+    y = grey + (y - grey) * (1 + u(ks, a.jitter))
+    theta = 2 * jnp.pi * u(kh, a.hue)  # hue: rotate the chroma plane of YIQ
+    c, s = jnp.cos(theta), jnp.sin(theta)
+    rot = jnp.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    y = y @ (YIQ_TO_RGB @ rot @ RGB_TO_YIQ).T
+    x = jnp.where(jax.random.uniform(kp) < a.p_jitter, jnp.clip(y, 0.0, 1.0), x)
+    return jnp.where(jax.random.uniform(kg) < a.p_grey, jnp.repeat(x @ LUMA[:, None], 3, -1), x)
+
+
+def _view(key, img, a):
+    kc, kj = jax.random.split(key)
+    x = crop_resize(img, _random_box(kc, a.crop_min_scale), a.image_size)
+    return _colour(kj, (x + 1.0) / 2.0, a) * 2.0 - 1.0
+
+
+def two_views(key, images, a):
+    """images [N, H, W, 3] in [-1, 1] -> two views [N, S, S, 3] each (S = a.image_size)."""
+    n = images.shape[0]
+    kf, k1, k2 = jax.random.split(key, 3)
+    flip = jax.random.bernoulli(kf, 0.5, (n,))[:, None, None, None]
+    images = jnp.where(flip, images[:, :, ::-1], images).astype(jnp.float32)
+    view = jax.vmap(lambda k, x: _view(k, x, a))
+    return view(jax.random.split(k1, n), images), view(jax.random.split(k2, n), images)

@@ -1,0 +1,185 @@
+"""Linear probes on frozen features: what does an AMDIM encoder know about a frame?
+
+    mirage-jax probe --checkpoint RUN [--dataset synthetic_aroll/small --data_dir DATA]
+                     --out probe.json
+
+The same frames are described three ways: the trained encoder's global feature (the 1x1
+map r1, EMA weights), the same encoder at random init, and the raw pixels. For each, one
+multinomial logistic regression per label (standardised features, L2 penalty, L-BFGS) is
+fit on frames of the train split and scored on every frame of the test split: other clips
+and sentences, the same speakers. Labels: the frame's viseme and, from the speaker id,
+the speaker and their shirt and hair colours (face.py). The L2 weight is chosen per probe
+on a fifth of the train clips held out from fitting, so no encoder gets a tuned advantage.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mirage_jax import sharding
+from mirage_jax.amdim.augment import resize
+from mirage_jax.amdim.model import AMDIM
+from mirage_jax.data import face
+from mirage_jax.data.visemes import NUM_VISEMES
+
+LABELS = ("viseme", "speaker", "shirt", "hair")
+
+
+def load_frames(dataset: str, data_dir: str, split: str, stride: int, max_clips: int = 0,
+                corpus_seed: int = 0) -> dict:
+    """Frames (uint8 [N, H, W, 3]) of a synthetic_aroll split, every `stride`-th frame of each
+    clip (the phase varies by clip), with their labels (int arrays [N]) and clip index."""
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(dataset, data_dir=data_dir)[split]
+    n = len(source) if not max_clips else min(max_clips, len(source))
+    images, clips, labels = [], [], {k: [] for k in LABELS}
+    names = {k: {v: i for i, v in enumerate(d)} for k, d in
+             (("shirt", face.CLOTHES), ("hair", face.HAIR))}
+    for i in range(n):
+        rec = source[i]
+        t = np.arange(i % stride, rec["video"].shape[0], stride)
+        spk = face.Speaker.sample(int(rec["speaker_id"]), corpus_seed)
+        images.append(rec["video"][t])
+        clips.append(np.full(len(t), i))
+        labels["viseme"].append(np.asarray(rec["viseme"])[t])
+        labels["speaker"].append(np.full(len(t), spk.speaker_id))
+        labels["shirt"].append(np.full(len(t), names["shirt"][spk.shirt]))
+        labels["hair"].append(np.full(len(t), names["hair"][spk.hair]))
+    out = {k: np.concatenate(v).astype(np.int32) for k, v in labels.items()}
+    return {"images": np.concatenate(images), "clip": np.concatenate(clips), "labels": out}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode(graphdef, params, images, size: int):
+    x = resize(images.astype(jnp.float32) / 127.5 - 1.0, size)
+    return nnx.merge(graphdef, params).encode(x)["r1"]
+
+
+def encoder_features(model: AMDIM, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Global features r1 [N, 8 * ndf] of uint8 frames, resized to the encoder's size (one
+    compiled shape: the last batch is padded)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        pad = np.zeros((batch - len(x), *x.shape[1:]), x.dtype)
+        out.append(np.asarray(_encode(graphdef, params, np.concatenate([x, pad]), model.size))
+                   [:len(x)])
+    return np.concatenate(out)
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
+
+
+MAX_CLASSES = 16  # every probe pads its classes to this: one compiled fit per feature size
+
+
+@jax.jit
+def _fit(x, y, valid, l2, init):
+    """Multinomial logistic regression: mean cross-entropy + l2 |W|^2, 100 L-BFGS steps from
+    `init`; logits of classes outside `valid` are masked."""
+
+    def loss(p):
+        logits = jnp.where(valid, x @ p["w"] + p["b"], -1e9)
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+        return ce + l2 * jnp.sum(jnp.square(p["w"]))
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        p, state = carry
+        value, grad = value_and_grad(p, state=state)
+        updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(p, updates), state), value
+
+    (p, _), values = jax.lax.scan(step, (init, opt.init(init)), length=100)
+    return p, values[-1]
+
+
+def probe(train_x, train_y, test_x, test_y, n_classes: int, is_val,
+          l2s=(1e-4, 1e-3, 1e-2)) -> dict:
+    """Fits on the train frames outside `is_val` for each L2 weight, keeps the weight with
+    the best accuracy on the `is_val` frames, and scores it on the test frames.
+
+    Features are standardised. With more dimensions than fitting frames (pixels), the fit
+    runs in the span of the fitting frames' features (an orthonormal basis from their SVD):
+    with an L2 penalty the optimal weights lie in that span, so this is exact, and cheap."""
+    if n_classes > MAX_CLASSES:
+        raise ValueError(f"{n_classes} classes > MAX_CLASSES={MAX_CLASSES}")
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    xf, xv, xt = ((x - mu) / sd for x in (train_x[~is_val], train_x[is_val], test_x))
+    if xf.shape[1] > xf.shape[0]:
+        basis = np.linalg.svd(xf, full_matrices=False)[2].T  # [D, n_fit]
+        xf, xv, xt = xf @ basis, xv @ basis, xt @ basis
+    xf, xv, xt = map(jnp.asarray, (xf, xv, xt))
+    valid = jnp.arange(MAX_CLASSES) < n_classes
+    init = {"w": jnp.zeros((xf.shape[1], MAX_CLASSES)), "b": jnp.zeros((MAX_CLASSES,))}
+    acc = lambda p, x, y: float(jnp.mean(
+        jnp.argmax(jnp.where(valid, x @ p["w"] + p["b"], -jnp.inf), -1) == y))
+    best = None
+    for l2 in l2s:
+        p, final_loss = _fit(xf, jnp.asarray(train_y[~is_val]), valid, l2, init)
+        row = {"l2": l2, "val": acc(p, xv, train_y[is_val]), "fit": acc(p, xf, train_y[~is_val]),
+               "test": acc(p, xt, test_y), "loss": float(final_loss)}
+        if best is None or row["val"] > best["val"]:
+            best = row
+    return best
+
+
+def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
+        train_stride: int = 5, test_stride: int = 1, max_clips: int = 0, seed: int = 0,
+        log=print) -> dict:
+    """The probe table for a trained AMDIM run: {labels: {encoder: accuracy}} and details."""
+    from mirage_jax.train.checkpoint import load_run
+
+    t0 = time.perf_counter()
+    trained = load_run(checkpoint, sharding.data_mesh(jax.devices()[:1]), "ema")
+    cfg = trained["cfg"]
+    if cfg.task != "amdim":
+        raise ValueError(f"{trained['where']} is a '{cfg.task}' checkpoint, not AMDIM")
+    dataset, data_dir = dataset or cfg.data.dataset, data_dir or cfg.data.data_dir
+    train = load_frames(dataset, data_dir, "train", train_stride, max_clips)
+    test = load_frames(dataset, data_dir, "test", test_stride, max_clips)
+    is_val = train["clip"] % 5 == 4  # whole clips: neighbouring frames never straddle
+    encoders = {"amdim": nnx.merge(trained["graphdef"], trained["params"]),
+                "random_init": AMDIM(cfg, nnx.Rngs(params=seed + 1))}
+    feats = {k: (encoder_features(m, train["images"]), encoder_features(m, test["images"]))
+             for k, m in encoders.items()}
+    feats["pixels"] = (pixel_features(train["images"]), pixel_features(test["images"]))
+    log(f"features of {len(train['images'])} + {len(test['images'])} frames: "
+        f"{time.perf_counter() - t0:.0f}s")
+    classes = {"viseme": NUM_VISEMES, "speaker": int(train["labels"]["speaker"].max()) + 1,
+               "shirt": len(face.CLOTHES), "hair": len(face.HAIR)}
+    table, details = {}, {}
+    for label in LABELS:
+        ytr, yte = train["labels"][label], test["labels"][label]
+        n = max(classes[label], int(max(ytr.max(), yte.max())) + 1)
+        table[label] = {"chance": float(np.bincount(yte).max() / len(yte))}
+        for name, (ftr, fte) in feats.items():
+            row = probe(ftr, ytr, fte, yte, n, is_val)
+            table[label][name] = row["test"]
+            details[f"{label}/{name}"] = row
+            log(f"{label:8s} {name:12s} test {row['test']:.3f} (val {row['val']:.3f}, "
+                f"fit {row['fit']:.3f}, l2 {row['l2']:g})")
+    return {
+        "checkpoint": str(checkpoint), "step": trained["step"], "dataset": dataset,
+        "train_frames": len(ytr), "test_frames": len(yte),
+        "feature_dims": {k: int(v[0].shape[1]) for k, v in feats.items()},
+        "accuracy": table, "details": details, "seconds": time.perf_counter() - t0,
+    }
+
+
+def write(result: dict, out) -> None:
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)

@@ -1,0 +1,263 @@
+"""The DiT's joint attention, with backends picked by `model.attention`.
+
+All take q, k, v [B, N, H, D] and a key mask [B, N] (False = not attended) and agree with
+`xla`, the reference, which materialises the [B, H, N, N] logits: fine for the demo, not
+for 4 s of 720p (~97k tokens, 0.9 TB of float32 logits per example and layer).
+
+  xla        the reference: einsum, masked softmax, einsum (any backend)
+  blockwise  flash-style attention in pure JAX (any backend): an online softmax over key
+             blocks inside a map over query blocks; a custom VJP recomputes each block's
+             probabilities from the saved row max and sum, so no pass keeps N x N values
+  cudnn      jax.nn.dot_product_attention(implementation="cudnn"): GPU only
+  splash     Pallas splash attention (jax.experimental.pallas.ops.tpu): TPU only
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mirage_jax.sharding import logical_to_mesh
+
+BACKENDS = ("xla", "blockwise", "cudnn", "splash")
+MASKED = -1e30  # masked real keys, as in the reference (a fully masked row is uniform)
+
+
+def _key_bias(key_bias):
+    """[B, N, H] additive per-key, per-head logit bias -> [B, H, 1, N] (None stays None)."""
+    return None if key_bias is None else key_bias.transpose(0, 2, 1)[:, :, None, :]
+
+
+def reference(q, k, v, key_mask, key_bias=None):
+    """Joint softmax attention; q,k,v [B,N,H,D], key_mask [B,N] (False = not attended),
+    key_bias [B,N,H] or None: added to the logits of unmasked keys (a stitched stream's
+    learned offset, `model.stitch`)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if key_bias is not None:
+        logits = logits + _key_bias(key_bias).astype(jnp.float32)
+    logits = jnp.where(key_mask[:, None, None, :], logits, MASKED)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+# ----------------------------------------------------------------------------- blockwise
+
+
+def _blocks(x, size, fill=0):
+    """[B, N, ...] -> [N/size, B, size, ...], padded at the end to a multiple of size."""
+    pad = -x.shape[1] % size
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, size, *x.shape[2:]), 1, 0)
+
+
+def _unblock(x, n):
+    """Inverse of `_blocks` (drops the padding)."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :n]
+
+
+def _bias(mask_block):
+    """[B, bk] in {1: key, 0: masked key, -1: padding} -> additive bias [B, 1, 1, bk].
+    Padding gets -inf, so it never counts, even in a row whose real keys are all masked."""
+    return jnp.where(mask_block > 0, 0.0, jnp.where(mask_block == 0, MASKED, -jnp.inf))[
+        :, None, None, :
+    ]
+
+
+def _logits(qb, kb, bias, scale, kbias=None):
+    s = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32) * scale
+    if kbias is not None:  # this key block's [B, bk, H] offsets
+        s = s + _key_bias(kbias).astype(jnp.float32)
+    return jnp.where(bias == 0.0, s, bias)  # masked logits are constants, as in the reference
+
+
+def _forward(q, k, v, key_mask, key_bias, block):
+    """Returns out [B,N,H,D] and each query's running max and sum of exp(logit - max),
+    [B,N,H] each (kept apart, not as a log-sum-exp: -1e30 + log l rounds to -1e30)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    n = q.shape[1]
+    kbs, vbs = _blocks(k, block), _blocks(v, block)
+    mbs = _blocks(key_mask.astype(jnp.int32), block, fill=-1)
+    bbs = None if key_bias is None else _blocks(key_bias, block)
+
+    def one_query_block(qb):
+        b, bq, h, d = qb.shape
+
+        def step(carry, kvm):
+            m, l, acc = carry
+            s = _logits(qb, kvm[0], _bias(kvm[2]), scale, kvm[3])
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(-1)
+            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), kvm[1],
+                            preferred_element_type=jnp.float32)
+            return (m_new, l, acc * corr[..., None] + pv), None
+
+        init = (jnp.full((b, h, bq), -jnp.inf), jnp.zeros((b, h, bq)), jnp.zeros((b, h, bq, d)))
+        (m, l, acc), _ = jax.lax.scan(step, init, (kbs, vbs, mbs, bbs))
+        out = (acc / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)  # [B, bq, H, D]
+        return out, m.transpose(0, 2, 1), l.transpose(0, 2, 1)
+
+    out, m, l = jax.lax.map(one_query_block, _blocks(q, block))
+    return _unblock(out, n), _unblock(m, n), _unblock(l, n)
+
+
+def blockwise(q, k, v, key_mask, block=512, key_bias=None):
+    """Flash-style attention, equal to `reference` (memory O(N * block) per head)."""
+    return _blockwise(q, k, v, key_mask, key_bias, min(block, q.shape[1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blockwise(q, k, v, key_mask, key_bias, block):
+    return _forward(q, k, v, key_mask, key_bias, block)[0]
+
+
+def _blockwise_fwd(q, k, v, key_mask, key_bias, block):
+    out, m, l = _forward(q, k, v, key_mask, key_bias, block)
+    return out, (q, k, v, key_mask, key_bias, out, m, l)
+
+
+def _blockwise_bwd(block, res, dout):
+    """Flash-attention backward: dP = dO V^T, dS = P (dP - rowsum(dO * O)); one pass over
+    query blocks for dq, one over key blocks for dk, dv and the key bias (its gradient is
+    dS summed over queries), P recomputed in each. Masked logits are constants (no
+    gradient), as in the reference."""
+    q, k, v, key_mask, key_bias, out, m, l = res
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    n, f32 = q.shape[1], jnp.float32
+    delta = jnp.einsum("bnhd,bnhd->bhn", dout.astype(f32), out.astype(f32))
+    qbs, dobs = _blocks(q, block), _blocks(dout, block)
+    stats = (_blocks(m, block), _blocks(l, block, fill=1))  # [nb, B, bq, H]; no 0 / 0
+    dbs = _blocks(delta.transpose(0, 2, 1), block)
+    kbs, vbs = _blocks(k, block), _blocks(v, block)
+    mbs = _blocks(key_mask.astype(jnp.int32), block, fill=-1)
+    bbs = None if key_bias is None else _blocks(key_bias, block)
+
+    def probs(qb, kb, mb, lb, bb):
+        s = _logits(qb, kb, _bias(mb), scale, bb)
+        m_, l_ = (x.transpose(0, 2, 1)[..., None] for x in lb)
+        return jnp.exp(s - m_) / l_  # [B, H, bq, bk]
+
+    def dscores(p, dob, vb, mb, db):
+        dp = jnp.einsum("bqhd,bkhd->bhqk", dob, vb, preferred_element_type=f32)
+        return jnp.where(_bias(mb) == 0.0, p * (dp - db.transpose(0, 2, 1)[..., None]), 0.0)
+
+    def dq_block(xs):
+        qb, dob, lb, db = xs
+
+        def step(dq, kvm):
+            kb, vb, mb, bb = kvm
+            ds = dscores(probs(qb, kb, mb, lb, bb), dob, vb, mb, db)
+            return dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kb.astype(f32)) * scale, None
+
+        return jax.lax.scan(step, jnp.zeros(qb.shape, f32), (kbs, vbs, mbs, bbs))[0]
+
+    def dkv_block(xs):
+        kb, vb, mb, bb = xs
+
+        def step(carry, qs):
+            dk, dv, dbias = carry
+            qb, dob, lb, db = qs
+            p = probs(qb, kb, mb, lb, bb)
+            ds = dscores(p, dob, vb, mb, db)
+            dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p, dob.astype(f32))
+            dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds, qb.astype(f32)) * scale
+            if bb is not None:  # only a stitched model carries the bias gradient
+                dbias = dbias + ds.sum(2).transpose(0, 2, 1)
+            return (dk, dv, dbias), None
+
+        zeros = jnp.zeros(kb.shape, f32)
+        init = (zeros, zeros, None if bb is None else jnp.zeros(kb.shape[:3], f32))
+        return jax.lax.scan(step, init, (qbs, dobs, stats, dbs))[0]
+
+    dq = _unblock(jax.lax.map(dq_block, (qbs, dobs, stats, dbs)), n)
+    dkv = jax.lax.map(dkv_block, (kbs, vbs, mbs, bbs))
+    dk, dv, dbias = jax.tree.map(lambda x: _unblock(x, k.shape[1]), dkv)  # dbias may be None
+    dbias = None if key_bias is None else dbias.astype(key_bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# ----------------------------------------------------------------------------- accelerators
+
+
+def _require(backend, platform):
+    if jax.default_backend() != platform:
+        raise ValueError(
+            f"model.attention='{backend}' runs on {platform.upper()} only, this process has "
+            f"'{jax.default_backend()}' devices; use model.attention='blockwise' (any backend)"
+        )
+
+
+def cudnn(q, k, v, key_mask, key_bias=None, implementation="cudnn"):
+    """cuDNN flash attention (bf16/fp16 inputs, head_dim <= 128 or 256 by GPU generation)."""
+    if implementation == "cudnn":
+        _require("cudnn", "gpu")
+    bias = None if key_bias is None else _key_bias(key_bias).astype(q.dtype)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=key_mask[:, None, None, :], implementation=implementation
+    )
+
+
+def splash(q, k, v, key_mask, rules, block=512, interpret=False):
+    """Pallas splash attention on TPU. The key mask becomes kv segment ids (1 = masked; every
+    query is segment 0), the sequence is padded to the block size, and under a mesh the
+    kernel runs per shard in `shard_map` over the batch and head axes."""
+    if not interpret:
+        _require("splash", "tpu")
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    n = q.shape[1]
+    size = min(block, -(-n // 128) * 128)
+    pad = -n % size
+    padded = [jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v)]
+    qp, kp, vp = (x.transpose(0, 2, 1, 3) for x in padded)  # [B, H, N, D]
+    qp = qp * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # the kernel does not scale
+    kv_ids = jnp.pad(jnp.where(key_mask, 0, 1), [(0, 0), (0, pad)], constant_values=2)
+    q_ids = jnp.zeros_like(kv_ids)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = logical_to_mesh(("batch", "heads", None, None), rules)
+
+    def local(qp, kp, vp, q_ids, kv_ids):
+        mask = sm.MultiHeadMask([sm.FullMask((qp.shape[2], kp.shape[2]))] * qp.shape[1])
+        sizes = sk.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size,
+                              block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size,
+                              block_q_dq=size, block_kv_dq=size)
+        kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+        return jax.vmap(kernel)(qp, kp, vp, segment_ids=sk.SegmentIds(q_ids, kv_ids))
+
+    if mesh.empty:
+        out = local(qp, kp, vp, q_ids, kv_ids)
+    else:
+        ids = jax.sharding.PartitionSpec(spec[0], None)
+        out = jax.shard_map(local, in_specs=(spec, spec, spec, ids, ids), out_specs=spec,
+                            check_vma=False)(qp, kp, vp, q_ids, kv_ids)
+    return out.transpose(0, 2, 1, 3)[:, :n]
+
+
+def attend(q, k, v, key_mask, model_cfg, rules, key_bias=None):
+    """The joint attention with the backend named by `model.attention`; `key_bias` [B,N,H]:
+    the stitched streams' key offsets (None without `model.stitch`)."""
+    name = model_cfg.attention
+    if name == "xla":
+        return reference(q, k, v, key_mask, key_bias)
+    if name == "blockwise":
+        return blockwise(q, k, v, key_mask, model_cfg.attention_block, key_bias)
+    if name == "cudnn":
+        return cudnn(q, k, v, key_mask, key_bias)
+    if key_bias is not None:  # the kernel takes segment ids, not an additive bias
+        raise ValueError("model.attention='splash' has no per-key bias for model.stitch; "
+                         "stitch with model.attention=blockwise, xla or cudnn")
+    if name == "splash":
+        return splash(q, k, v, key_mask, rules, model_cfg.attention_block)
+    raise ValueError(f"model.attention must be one of {BACKENDS}, got '{name}'")
