@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/mirage-jax demo --workdir demo_out
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests  # one test file per core
 
 clean:
 	rm -rf $(VENV) demo_out *.egg-info

@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # torch: the PyTorch reference model (mirage_jax/torch/); the parity tests need it.
-        "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "torch==2.13.0"],
         # Accelerator builds of jax; install one of these on the pod / cluster.
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
