@@ -62,7 +62,7 @@ def mouth_darkness(frames: np.ndarray, speaker_id: int) -> np.ndarray:
     from mirage_jax.latents import mouth_box
 
     y0, y1, x0, x1 = mouth_box({"speaker_id": speaker_id}, frames.shape[1])
-    return -frames[:, y0:y1, x0:x1].astype(np.float32).mean((1, 2, 3))
+    return -frames[:, y0:y1, x0:x1].astype(np.float64).mean((1, 2, 3))  # f64: a still clip is exactly constant
 
 
 def closure_contrast(frames: np.ndarray, viseme: np.ndarray, speaker_id: int) -> float:
