@@ -62,7 +62,8 @@ def mouth_darkness(frames: np.ndarray, speaker_id: int) -> np.ndarray:
     from mirage_jax.latents import mouth_box
 
     y0, y1, x0, x1 = mouth_box({"speaker_id": speaker_id}, frames.shape[1])
-    return -frames[:, y0:y1, x0:x1].astype(np.float64).mean((1, 2, 3))  # f64: a still clip is exactly constant
+    # float64: float32 means of identical frames can differ in the last bit.
+    return -frames[:, y0:y1, x0:x1].astype(np.float64).mean((1, 2, 3))
 
 
 def closure_contrast(frames: np.ndarray, viseme: np.ndarray, speaker_id: int) -> float:
@@ -71,7 +72,8 @@ def closure_contrast(frames: np.ndarray, viseme: np.ndarray, speaker_id: int) ->
     dark = mouth_darkness(frames, speaker_id)
     n = min(len(dark), len(viseme))
     dark, viseme = dark[:n], viseme[:n]
-    closed, opened = viseme == visemes.VISEME_NAMES.index("closed"), viseme == visemes.VISEME_NAMES.index("open")
+    closed = viseme == visemes.VISEME_NAMES.index("closed")
+    opened = viseme == visemes.VISEME_NAMES.index("open")
     if not closed.any() or not opened.any() or dark.std() < 1e-6:
         return 0.0
     return float((dark[opened].mean() - dark[closed].mean()) / dark.std())
