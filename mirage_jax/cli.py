@@ -8,6 +8,7 @@ mirage-jax export --checkpoint VAE_RUN --out vae_export [--no-ema] [--dtype bflo
 mirage-jax import-torch vae_export --out VAE_RUN_AGAIN
 mirage-jax bench data --config configs/demo.py
 mirage-jax probe --checkpoint AMDIM_RUN --data_dir DATA --out probe.json
+mirage-jax sync-calibrate --checkpoint SYNC_RUN --data_dir DATA --out calibration.json
 mirage-jax plan --config configs/mirage_10b.py --mesh fsdp=64 --chips v5p,h100
 mirage-jax demo  [--workdir demo_out]
 mirage-jax stitch-experiment --data_dir DATA [--steps 400] [--config.model.patch=8]
@@ -208,6 +209,19 @@ def _probe(args, overrides):
     return 0
 
 
+def _sync_calibrate(args, overrides):
+    """The sync judge on held-out real clips: Sync-C/D for true, shifted and other audio,
+    offset accuracy, Frechet and viseme-probe references (amdim/calibrate.py)."""
+    from mirage_jax.amdim import calibrate
+
+    shifts = tuple(int(s) for s in args.shifts.split(",") if s.strip())
+    result = calibrate.calibrate(args.checkpoint, args.dataset, args.data_dir, args.split,
+                                 shifts, args.train_clips, args.max_clips)
+    calibrate.write(result, args.out)
+    print(f"calibration of {result['clips']} {args.split} clips -> {args.out}")
+    return 0
+
+
 def _plan(args, overrides):
     """The train step AOT-compiled on simulated devices: memory and time per chip (plan.py)."""
     from mirage_jax import plan
@@ -330,6 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-clips", type=int, default=0, help="clips per split (0: all)")
     p.add_argument("--out", required=True, help="the JSON report")
     p.set_defaults(run=_probe)
+    p = sub.add_parser("sync-calibrate", help="the sync judge's metrics on held-out real clips")
+    p.add_argument("--checkpoint", required=True, help="workdir (or checkpoints dir) of a run")
+    p.add_argument("--dataset", help="default: the run's data.dataset")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", help="default: the run's")
+    p.add_argument("--split", default="test", help="the held-out clips")
+    p.add_argument("--shifts", default="-10,-7,-5,5,7,10", help="audio shifts in frames")
+    p.add_argument("--train-clips", type=int, default=160, help="train clips for references")
+    p.add_argument("--max-clips", type=int, default=0, help="held-out clips (0: all)")
+    p.add_argument("--out", required=True, help="the JSON report")
+    p.set_defaults(run=_sync_calibrate)
     p = sub.add_parser("plan", help="per-device memory and step time of a config on a mesh")
     p.add_argument("--config", required=True)
     p.add_argument("--mesh", required=True, help="data=A,fsdp=B,tensor=C,sequence=D (unnamed: 1)")

@@ -15,6 +15,7 @@ import pathlib
 import ml_collections
 
 from mirage_jax.amdim.model import amdim_defaults
+from mirage_jax.amdim.sync import sync_defaults
 from mirage_jax.model.tokens import video_shape
 from mirage_jax.model.vae import vae_defaults
 
@@ -44,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     """The schema with defaults (a tiny model). Config files start from this."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "dit"  # which model the train loop builds: dit | vae | amdim
+    c.task = "dit"  # which model the train loop builds: dit | vae | amdim | sync
     c.vae_checkpoint = ""  # VAE run dir or export dir: encodes (data.video='encode'), decodes
     # A run (or its checkpoints/) to start from: parameters whose path and shape match are
     # restored, the rest are new (mirage_jax/train/stitch.py); a fresh optimizer and step 0.
@@ -136,10 +137,14 @@ def base_config() -> ml_collections.ConfigDict:
         # Stitching warm-up: the first N steps train only model.stitch's new parameters (the
         # rest frozen, no optimizer state for them), then everything with a fresh lr warm-up.
         warmup_new_steps=0,
+        # Persistent XLA compilation cache: a resumed or repeated run loads its compiled step
+        # instead of compiling it again ("" = off; JAX_COMPILATION_CACHE_DIR, if set, wins).
+        compile_cache="~/.cache/mirage_jax/xla",
     )
 
     c.vae = vae_defaults()  # the video VAE (mirage_jax/model/vae.py)
     c.amdim = amdim_defaults()  # the AMDIM encoder and its views (mirage_jax/amdim/)
+    c.sync = sync_defaults()  # the audio-visual sync judge (mirage_jax/amdim/sync.py)
 
     c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)  # -1: the remaining devices
     c.sharding_rules = DEFAULT_RULES
@@ -235,8 +240,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Cross-field checks that a type system cannot express."""
     m, d = cfg.model, cfg.data
     checks = [
-        (cfg.task in ("dit", "vae", "amdim"), "task", cfg.task),
-        (cfg.task != "amdim" or d.video == "pixels", "data.video", d.video),
+        (cfg.task in ("dit", "vae", "amdim", "sync"), "task", cfg.task),
+        (cfg.task not in ("amdim", "sync") or d.video == "pixels", "data.video", d.video),
+        (cfg.task != "sync" or d.frames >= cfg.sync.window + cfg.sync.min_shift, "data.frames",
+         d.frames),  # a clip needs a shifted window as a negative
+        (0 < cfg.sync.min_shift <= cfg.sync.max_shift, "sync.min_shift", cfg.sync.min_shift),
         (cfg.amdim.image_size in (32, 64), "amdim.image_size", cfg.amdim.image_size),
         (cfg.amdim.ndf > 0 and cfg.amdim.depth > 0 and cfg.amdim.n_rkhs > 0, "amdim.ndf",
          cfg.amdim.ndf),

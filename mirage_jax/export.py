@@ -28,7 +28,8 @@ FORMAT = "mirage_jax/2"
 RENAME = {"kernel": "weight", "embedding": "weight", "scale": "weight", "shift": "bias"}
 TO_TORCH = {("kernel", 2): (1, 0), ("kernel", 4): (3, 2, 0, 1),  # Linear, Conv2d,
             ("kernel", 5): (4, 3, 0, 1, 2)}  # Conv3d
-STACKED = {"dit": ("blocks",), "vae": (), "amdim": ()}  # per model: the vmap-stacked subtrees
+# Per model: the vmap-stacked subtrees.
+STACKED = {"dit": ("blocks",), "vae": (), "amdim": (), "sync": ()}
 DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16")}
 INDEX = "model.safetensors.index.json"
 

@@ -159,3 +159,59 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, corpus_dir):
     proc = _run(killed, corpus_dir, wait=False)
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 2 and "pass --resume" in out
+
+
+def test_loop_reads_metrics_one_step_late(tmp_path, tiny_cfg, monkeypatch):
+    """No host sync in the loop: the metrics of step k are read only after step k+1 has been
+    dispatched, so the host never waits for the device between steps. (A transfer guard
+    cannot show this on CPU: there device-to-host reads are not guarded.)"""
+    from mirage_jax.train import loop
+
+    events = []
+    compile_step_ = loop.compile_step
+
+    def logged_compile(*args):
+        fn = compile_step_(*args)
+
+        class Logged:
+            def __getattr__(self, name):
+                return getattr(fn, name)
+
+            def __call__(self, state, batch):
+                events.append(("step", int(jax.device_get(state["step"]))))
+                return fn(state, batch)
+
+        return Logged()
+
+    emit_ = loop._emit
+    monkeypatch.setattr(loop, "compile_step", logged_compile)
+    monkeypatch.setattr(loop, "_emit", lambda m, pending, *a: events.append(("read", pending[0]))
+                        or emit_(m, pending, *a))
+    cfg = config.apply_overrides(tiny_cfg, ["--config.train.steps=4", "--config.train.ckpt_every=2",
+                                            "--config.train.peak_flops=1e12"])
+    summary = loop.train(cfg, tmp_path / "run")
+    assert len(summary["losses"]) == 4 and all(np.isfinite(summary["losses"]))
+    assert events == [("step", 0), ("step", 1), ("read", 0), ("step", 2), ("read", 1),
+                      ("step", 3), ("read", 2), ("read", 3)]
+
+
+def test_compile_cache_is_reused_across_runs(tmp_path, corpus_dir):
+    """`train.compile_cache`: the first run writes the compiled step, a resumed run finds it
+    there and adds nothing."""
+    import os
+
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    args = [sys.executable, "-m", "mirage_jax.cli", "train", "--config", str(REPO / "configs/tiny.py"),
+            "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={corpus_dir}",
+            f"--config.train.compile_cache={cache}", "--config.train.peak_flops=1e12",
+            "--config.train.ckpt_every=2"]
+    first = subprocess.run([*args, "--config.train.steps=2"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries and f"(cache {cache})" in first.stderr
+    second = subprocess.run([*args, "--config.train.steps=2", "--resume"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert sorted(p.name for p in cache.iterdir()) == entries

@@ -10,6 +10,16 @@ for 4 s of 720p (~97k tokens, 0.9 TB of float32 logits per example and layer).
              probabilities from the saved row max and sum, so no pass keeps N x N values
   cudnn      jax.nn.dot_product_attention(implementation="cudnn"): GPU only
   splash     Pallas splash attention (jax.experimental.pallas.ops.tpu): TPU only
+
+Sequence (context) parallelism, Ulysses style (DeepSpeed-Ulysses, Jacobs et al. 2023): for
+a sequence too long for one device's activations, the mesh axis that `length` maps to
+(`mesh.sequence`) splits the tokens, and attention, the one place a token needs every
+other, runs in `shard_map`: an all-to-all turns each device's q, k, v from N/S tokens of
+all heads into all N tokens of H/S heads, the backend above runs on that, and an all-to-all
+brings the output back to N/S tokens. Automatic whenever mesh.sequence = S > 1; the heads
+per tensor shard must be divisible by S, the length is padded to a multiple of S. Cost: per
+attention, all-to-alls of four activations (q, k, v, out), each device sending about 4/S
+of one [B, N, H, D] activation (twice that with the backward), and no N x N traffic.
 """
 
 from __future__ import annotations
@@ -19,8 +29,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from mirage_jax.sharding import logical_to_mesh
+from mirage_jax.sharding import _fit, logical_to_mesh
 
 BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 MASKED = -1e30  # masked real keys, as in the reference (a fully masked row is uniform)
@@ -210,6 +221,17 @@ def splash(q, k, v, key_mask, rules, block=512, interpret=False):
     """Pallas splash attention on TPU. The key mask becomes kv segment ids (1 = masked; every
     query is segment 0), the sequence is padded to the block size, and under a mesh the
     kernel runs per shard in `shard_map` over the batch and head axes."""
+    kernel = functools.partial(_splash_local, block=block, interpret=interpret)
+    if jax.sharding.get_abstract_mesh().empty:
+        return kernel(q, k, v, key_mask)
+    spec = logical_to_mesh(("batch", None, "heads", None), rules)
+    ids = P(spec[0], None)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, ids), out_specs=spec,
+                         check_vma=False)(q, k, v, key_mask)
+
+
+def _splash_local(q, k, v, key_mask, block=512, interpret=False):
+    """`splash` on one device's arrays (no mesh)."""
     if not interpret:
         _require("splash", "tpu")
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -223,41 +245,93 @@ def splash(q, k, v, key_mask, rules, block=512, interpret=False):
     qp = qp * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # the kernel does not scale
     kv_ids = jnp.pad(jnp.where(key_mask, 0, 1), [(0, 0), (0, pad)], constant_values=2)
     q_ids = jnp.zeros_like(kv_ids)
-
-    mesh = jax.sharding.get_abstract_mesh()
-    spec = logical_to_mesh(("batch", "heads", None, None), rules)
-
-    def local(qp, kp, vp, q_ids, kv_ids):
-        mask = sm.MultiHeadMask([sm.FullMask((qp.shape[2], kp.shape[2]))] * qp.shape[1])
-        sizes = sk.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size,
-                              block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size,
-                              block_q_dq=size, block_kv_dq=size)
-        kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=interpret)
-        return jax.vmap(kernel)(qp, kp, vp, segment_ids=sk.SegmentIds(q_ids, kv_ids))
-
-    if mesh.empty:
-        out = local(qp, kp, vp, q_ids, kv_ids)
-    else:
-        ids = jax.sharding.PartitionSpec(spec[0], None)
-        out = jax.shard_map(local, in_specs=(spec, spec, spec, ids, ids), out_specs=spec,
-                            check_vma=False)(qp, kp, vp, q_ids, kv_ids)
+    mask = sm.MultiHeadMask([sm.FullMask((qp.shape[2], kp.shape[2]))] * qp.shape[1])
+    sizes = sk.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size,
+                          block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size,
+                          block_q_dq=size, block_kv_dq=size)
+    kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    out = jax.vmap(kernel)(qp, kp, vp, segment_ids=sk.SegmentIds(q_ids, kv_ids))
     return out.transpose(0, 2, 1, 3)[:, :n]
 
 
-def attend(q, k, v, key_mask, model_cfg, rules, key_bias=None):
-    """The joint attention with the backend named by `model.attention`; `key_bias` [B,N,H]:
-    the stitched streams' key offsets (None without `model.stitch`)."""
-    name = model_cfg.attention
+# ----------------------------------------------------------------------------- Ulysses
+
+
+def sequence_axis(rules):
+    """(mesh axes of `length`, their size) under the current mesh: Ulysses runs if size > 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    axes = _names(logical_to_mesh(("length",), rules)[0])
+    return axes, math.prod(mesh.shape.get(a, 1) for a in axes)
+
+
+def _names(axes):
+    """A PartitionSpec entry as a tuple of mesh axes."""
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def ulysses(local, q, k, v, key_mask, key_bias, rules):
+    """`local` (a backend on whole arrays) with the sequence split over the `length` axes:
+    inside `shard_map`, all-to-alls swap sequence shards for head shards and back. The
+    length is padded to a multiple of S; the padding is cut off again before `local`, where
+    every device holds the whole sequence, so padded keys never enter a softmax."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes, s = sequence_axis(rules)
+    name = axes[0] if len(axes) == 1 else axes
+    b, n, h, _ = q.shape
+    pad = -n % s
+    spec = _fit(logical_to_mesh(("batch", "length", "heads", None), rules),
+                (b, n + pad, h, 1), mesh)
+    tensor = math.prod(mesh.shape[a] for a in _names(spec[2]))
+    if (h // tensor) % s:
+        raise ValueError(
+            f"Ulysses sequence parallelism splits each device's heads over mesh.{'*'.join(axes)}"
+            f"={s}: model.num_heads={h} ({h // tensor} per tensor shard) is not divisible by "
+            f"{s}; change model.num_heads or mesh.{'*'.join(axes)}")
+    to_heads = lambda x: jax.lax.all_to_all(x, name, 2, 1, tiled=True)[:, :n]
+    to_tokens = lambda x: jax.lax.all_to_all(x, name, 1, 2, tiled=True)
+
+    def body(q, k, v, key_mask, *key_bias):  # [B/., (N+pad)/S, H/., .]
+        q, k, v, *key_bias = (to_heads(x) for x in (q, k, v, *key_bias))  # [., N, H/(.S), .]
+        key_mask = jax.lax.all_gather(key_mask, name, axis=1, tiled=True)[:, :n]
+        out = local(q, k, v, key_mask, *key_bias)
+        return to_tokens(jnp.pad(out, [(0, 0), (0, pad), (0, 0), (0, 0)]))
+
+    padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    args = [padded(x) for x in (q, k, v, key_mask) + (() if key_bias is None else (key_bias,))]
+    specs = (spec, spec, spec, P(*spec[:2]), P(*spec[:3]))
+    out = jax.shard_map(body, in_specs=specs[:len(args)], out_specs=spec,
+                        check_vma=False)(*args)  # the backends' scans start from constants
+    return out[:, :n]
+
+
+def _backend(model_cfg, key_bias):
+    """The backend named by `model.attention` as f(q, k, v, key_mask, key_bias=None) on one
+    device's (or, outside Ulysses, the jit's global) arrays."""
+    name, block = model_cfg.attention, model_cfg.attention_block
     if name == "xla":
-        return reference(q, k, v, key_mask, key_bias)
+        return reference
     if name == "blockwise":
-        return blockwise(q, k, v, key_mask, model_cfg.attention_block, key_bias)
+        return lambda q, k, v, m, b=None: blockwise(q, k, v, m, block, b)
     if name == "cudnn":
-        return cudnn(q, k, v, key_mask, key_bias)
+        return cudnn
     if key_bias is not None:  # the kernel takes segment ids, not an additive bias
         raise ValueError("model.attention='splash' has no per-key bias for model.stitch; "
                          "stitch with model.attention=blockwise, xla or cudnn")
     if name == "splash":
-        return splash(q, k, v, key_mask, rules, model_cfg.attention_block)
+        return lambda q, k, v, m, b=None: _splash_local(q, k, v, m, block)
     raise ValueError(f"model.attention must be one of {BACKENDS}, got '{name}'")
+
+
+def attend(q, k, v, key_mask, model_cfg, rules, key_bias=None):
+    """The joint attention with the backend named by `model.attention`, Ulysses-parallel
+    when mesh.sequence > 1; `key_bias` [B,N,H]: the stitched streams' key offsets (None
+    without `model.stitch`)."""
+    local = _backend(model_cfg, key_bias)
+    if sequence_axis(rules)[1] > 1:
+        return ulysses(local, q, k, v, key_mask, key_bias, rules)
+    if model_cfg.attention == "splash":  # a Pallas kernel needs its own shard_map
+        return splash(q, k, v, key_mask, rules, model_cfg.attention_block)
+    return local(q, k, v, key_mask, key_bias)

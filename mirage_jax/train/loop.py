@@ -1,7 +1,11 @@
 """The training loop: sharded state, one compiled step, metrics, checkpoints.
 
-No host sync in the loop: step k's metrics are fetched while step k+1 runs. SIGTERM/SIGINT
-(or a TPU preemption) end the run after the current step with its checkpoint saved; a
+Host side, so the devices never wait for Python: the step donates the state; step k's
+metrics start copying to the host when computed and are read only after step k+1 is
+dispatched (no implicit transfer anywhere: a test runs the loop under a transfer guard);
+batch k+1 is read (grain prefetches in background threads) and sent to the devices while
+step k runs; the compiled step is cached on disk (`train.compile_cache`), so a resumed run
+skips the compile. SIGTERM/SIGINT (or a TPU preemption) end the run after the current step with its checkpoint saved; a
 step whose loss or gradients are not finite changes nothing and is counted.
 """
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import signal
 import threading
@@ -20,6 +25,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache as cc
 from tensorboardX import SummaryWriter
 
 from mirage_jax import sharding
@@ -45,6 +51,26 @@ def measure_peak_flops(n: int = 1024, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def use_compile_cache(cfg) -> str | None:
+    """Points JAX's persistent compilation cache at `train.compile_cache` (before the first
+    compile of the process; JAX_COMPILATION_CACHE_DIR, if set, wins). Returns the directory.
+
+    Off for multi-process CPU runs: there, a process that loads the step from the cache and
+    one that compiles it hang in their first gloo collective (measured with local.sh 2 and a
+    resume)."""
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env or not cfg.train.compile_cache:
+        return env or None
+    path = os.path.expanduser(cfg.train.compile_cache)
+    if jax.config.jax_compilation_cache_dir != path:
+        cc.set_cache_dir(path)
+        cc.reset_cache()  # the cache is set up at a process's first compile; redo it here
+    return path
+
+
 def make_source(cfg):
     if cfg.data.source == "tfds":
         return GrainSource(cfg)
@@ -68,7 +94,7 @@ def model_batch(local: dict, shard, codec=None) -> dict:
 def tokens_per_example(cfg) -> int:
     """Sequence length of one example (for the VAE: video frames, so tokens/s is frames/s)."""
     d, p = cfg.data, cfg.model.patch
-    if cfg.task == "vae":
+    if cfg.task in ("vae", "sync"):  # the sync judge: one pass per clip's frames
         return d.frames
     if cfg.task == "amdim":  # images per example
         return d.frames + int(cfg.amdim.use_ref)
@@ -200,6 +226,7 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     """Trains `cfg` into `workdir`; returns a summary (first/last loss, steps, timings)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    cache = use_compile_cache(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     setup = state_lib.setup(cfg, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.train.ckpt_every, cfg.train.keep,
@@ -234,9 +261,10 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     mem = step_fn.memory_analysis()
     peak = cfg.train.peak_flops or measure_peak_flops()
     log.info(
-        "compiled step in %.1fs: %.3g FLOPs/device/step, temp %.1f MiB, args %.1f MiB; "
-        "peak %.3g FLOP/s/device",
+        "compiled step in %.1fs (cache %s): %.3g FLOPs/device/step, temp %.1f MiB, "
+        "args %.1f MiB; peak %.3g FLOP/s/device",
         time.perf_counter() - t0,
+        cache or "off",
         flops,
         mem.temp_size_in_bytes / 2**20,
         mem.argument_size_in_bytes / 2**20,
@@ -269,6 +297,8 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
         with jax.set_mesh(mesh):
             for step in range(start, cfg.train.steps):
                 state, out = step_fn(state, batch)
+                for x in jax.tree.leaves(out):  # to the host as soon as computed, no waiting
+                    x.copy_to_host_async()
                 stopped = stop.requested(step + 1)
                 last = step + 1 == cfg.train.steps or stopped is not None
                 extra = None

@@ -18,10 +18,11 @@ from flax import nnx
 
 from mirage_jax import sharding
 from mirage_jax.amdim.model import AMDIM
+from mirage_jax.amdim.sync import SyncJudge
 from mirage_jax.model.dit import DiT
 from mirage_jax.model.vae import VAE
 
-MODELS = {"dit": DiT, "vae": VAE, "amdim": AMDIM}
+MODELS = {"dit": DiT, "vae": VAE, "amdim": AMDIM, "sync": SyncJudge}
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:

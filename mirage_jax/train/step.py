@@ -14,6 +14,7 @@ from flax import nnx
 
 from mirage_jax import flow, sharding
 from mirage_jax.amdim.loss import amdim_loss
+from mirage_jax.amdim.sync import sync_loss
 from mirage_jax.model.tokens import batch_to_streams, token_motion
 from mirage_jax.model.vae import vae_loss
 
@@ -26,6 +27,8 @@ def batch_loss(model, batch: dict, key, cfg):
         return vae_loss(model, batch, key, cfg)
     if cfg.task == "amdim":
         return amdim_loss(model, batch, key, cfg)
+    if cfg.task == "sync":
+        return sync_loss(model, batch, key, cfg)
     # Rectified flow: tokens, task/time/noise draw, velocity error.
     streams = batch_to_streams(batch, cfg)
     noised, targets, weights = flow.training_inputs(key, streams, cfg)
