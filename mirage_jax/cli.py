@@ -9,6 +9,7 @@ mirage-jax import-torch vae_export --out VAE_RUN_AGAIN
 mirage-jax bench data --config configs/demo.py
 mirage-jax probe --checkpoint AMDIM_RUN --data_dir DATA --out probe.json
 mirage-jax sync-calibrate --checkpoint SYNC_RUN --data_dir DATA --out calibration.json
+mirage-jax evaluate --checkpoint DIT_RUN --judge SYNC_RUN --num_examples 32 --out eval/
 mirage-jax plan --config configs/mirage_10b.py --mesh fsdp=64 --chips v5p,h100
 mirage-jax demo  [--workdir demo_out]
 mirage-jax stitch-experiment --data_dir DATA [--steps 400] [--config.model.patch=8]
@@ -222,6 +223,22 @@ def _sync_calibrate(args, overrides):
     return 0
 
 
+def _evaluate(args, overrides):
+    """Generated vs real vs shuffled-audio clips under the sync judge, sharded over processes
+    and devices: metrics.json and plots (mirage_jax/evaluate.py)."""
+    from mirage_jax import evaluate, generate
+
+    init_distributed(args)
+    settings = generate.Settings(steps=args.steps, cfg_audio=args.cfg_audio,
+                                 cfg_text=args.cfg_text, cfg_ref=args.cfg_ref, seed=args.seed)
+    r = evaluate.run(args.checkpoint, args.out, args.num_examples, args.judge, args.dataset,
+                     args.data_dir, args.split, args.batch, settings, args.probe_clips)
+    if r is not None:
+        print(evaluate.report(r))
+        print(f"evaluate: {args.out}/metrics.json, " + ", ".join(r["plots"]))
+    return 0
+
+
 def _plan(args, overrides):
     """The train step AOT-compiled on simulated devices: memory and time per chip (plan.py)."""
     from mirage_jax import plan
@@ -354,6 +371,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-clips", type=int, default=0, help="held-out clips (0: all)")
     p.add_argument("--out", required=True, help="the JSON report")
     p.set_defaults(run=_sync_calibrate)
+    p = sub.add_parser("evaluate", help="a DiT's clips vs real and shuffled under the sync judge")
+    p.add_argument("--checkpoint", required=True, help="workdir (or checkpoints dir) of a DiT run")
+    p.add_argument("--judge", default=None, help="sync judge run or export (default: the "
+                   "shipped demo_assets/sync_judge)")
+    p.add_argument("--dataset", help="pixel corpus (default: the judge's data.dataset)")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", help="default: the judge's")
+    p.add_argument("--split", default="test", help="the held-out clips")
+    p.add_argument("--num_examples", "--num-examples", dest="num_examples", type=int,
+                   required=True, help="the first N clips of the split")
+    p.add_argument("--out", required=True, help="directory for metrics.json and the plots")
+    p.add_argument("--batch", type=int, default=16, help="clips per sampling run, per process")
+    p.add_argument("--steps", type=int, default=64, help="sampling steps per window")
+    p.add_argument("--cfg-audio", type=float, default=4.0, help="audio guidance (the demo's)")
+    p.add_argument("--cfg-text", type=float, default=1.0)
+    p.add_argument("--cfg-ref", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-clips", type=int, default=160,
+                   help="train clips for the viseme probe and the Frechet reference")
+    p.add_argument("--distributed", action="store_true", help="jax.distributed from the cluster")
+    p.add_argument("--coordinator", help="host:port of process 0 (explicit multi-process)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
+    p.set_defaults(run=_evaluate)
     p = sub.add_parser("plan", help="per-device memory and step time of a config on a mesh")
     p.add_argument("--config", required=True)
     p.add_argument("--mesh", required=True, help="data=A,fsdp=B,tensor=C,sequence=D (unnamed: 1)")

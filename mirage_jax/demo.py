@@ -4,12 +4,17 @@
   with configs/vae_demo.py) -> cache latents -> train the DiT on them (configs/latent_demo.py)
   -> generate from a sentence that is not in the corpus -> demo_out/: the mp4, the
   ground-truth render of the same speech, a PNG strip of both, and summary.json
+  -> `mirage-jax evaluate` on held-out clips with the sync judge -> demo_out/evaluation/
 
 The ground truth exists because the corpus is drawn: the same speaker saying the same
 espeak-ng sentence, mouth driven by its visemes. `summary.json` holds a mouth-opening sync
-figure (until the AMDIM evaluation lands): the correlation over frames between the darkness
-of the generated mouth box and the true mouth opening, next to the same figure for the
-generation from shuffled audio (another sentence's speech) as the control.
+figure: the correlation over frames between the darkness of the generated mouth box and the
+true mouth opening, next to the same figure for the generation from shuffled audio (another
+sentence's speech) as the control. Its `sync_judge` part is the evaluation's (evaluate.py):
+Sync-C, sync_c0, offset accuracy, Fréchet distance and viseme accuracy of clips generated
+from held-out speech under the audio-visual sync judge (the shipped export in
+demo_assets/sync_judge, trained with configs/sync_demo.py), beside the same figures for the
+real clips, the real clips through the VAE and shuffled audio.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ SHIPPED_VAE = REPO / "demo_assets" / "vae_demo"
 SENTENCE = "Bob made a purple map for Pam, and Mom bought a lemon pie."
 CONTROL = "Grace is calling the teacher about her lovely garden today."
 SPEAKER = 3
+EVAL_CLIPS = 16  # held-out clips judged by the sync judge (a minute or two on 2 cores)
 
 
 def render_speech(text: str, speaker_id: int = SPEAKER, size: int = 64, seed: int = 0) -> dict:
@@ -86,10 +92,35 @@ def strip(rows: list[np.ndarray], every: int = 2, count: int = 16) -> np.ndarray
     return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in picked])
 
 
+def sync_summary(r: dict) -> dict:
+    """The figures of an evaluation (evaluate.run's result) that summary.json keeps: per
+    group the mean Sync-C and sync_c0 and the offset accuracy; Fréchet; viseme accuracy."""
+    groups = r["groups"]
+    return {"clips": r["num_examples"], "judge": r["judge"],
+            **{k: {g: s[k]["mean"] for g, s in groups.items()} for k in ("sync_c", "sync_c0")},
+            "offset_accuracy": {g: s["offset_accuracy"] for g, s in groups.items()},
+            "frechet": r["frechet"],
+            "viseme_accuracy": {k: v for k, v in r["viseme_accuracy"].items() if k != "probe"}}
+
+
+def judge_checkpoint(workdir: pathlib.Path, data_dir: pathlib.Path) -> pathlib.Path:
+    """The shipped sync judge, or one trained with configs/sync_demo.py if it is missing."""
+    from mirage_jax import evaluate
+    from mirage_jax.train import loop
+
+    if evaluate.SHIPPED_JUDGE.exists():
+        return evaluate.SHIPPED_JUDGE
+    log.info("no shipped sync judge at %s: training configs/sync_demo.py (about 12 minutes "
+             "on 2 cores)", evaluate.SHIPPED_JUDGE)
+    cfg = config_lib.load(REPO / "configs" / "sync_demo.py", [f"data.data_dir={data_dir}"])
+    loop.train(cfg, workdir / "sync", resume=True)
+    return workdir / "sync"
+
+
 def run(workdir, overrides=(), data_dir: str | None = None, vae=None) -> dict:
     from PIL import Image
 
-    from mirage_jax import generate, media
+    from mirage_jax import evaluate, generate, media
     from mirage_jax.data import latent_dataset
     from mirage_jax.latents import Codec
     from mirage_jax.train import loop
@@ -141,6 +172,11 @@ def run(workdir, overrides=(), data_dir: str | None = None, vae=None) -> dict:
         "closure_contrast_ground_truth_render": closure_contrast(truth["video"], truth["viseme"],
                                                                  SPEAKER),
     }
+    judged = evaluate.run(workdir / "dit", workdir / "evaluation", EVAL_CLIPS,
+                          judge_checkpoint(workdir, data_dir), "synthetic_aroll/small",
+                          str(data_dir), settings=settings)
+    log.info("the sync judge on %d held-out clips:\n%s", EVAL_CLIPS, evaluate.report(judged))
+    report["sync_judge"] = sync_summary(judged)
     (workdir / "summary.json").write_text(json.dumps(report, indent=1))
     return report
 

@@ -165,6 +165,15 @@ def guided(model_fn: VelocityFn, conditions: Sequence[tuple[str, float]], cosine
     return velocity
 
 
+def initial_noise(key, group: int, groups: int, shape) -> jax.Array:
+    """N(0, 1) noise of `shape` for generated group `group` of `groups`, from one key or from
+    one key per row ([B] keys: row b's noise from key b alone)."""
+    if jnp.ndim(key) == 0:
+        return jax.random.normal(jax.random.split(key, groups)[group], shape)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.split(k, groups)[group],
+                                                shape[1:]))(key)
+
+
 def sample(
     velocity_fn,
     streams: dict[str, Stream],
@@ -179,16 +188,15 @@ def sample(
     `velocity_fn(streams, t)` returns velocities per generated group; `generate[g]` [B, N]
     marks tokens to generate (others keep their clean values at t = 0, e.g. a previous
     window's last frames). Euler or Heun (2nd order; one more evaluation per step).
-    `progress()` is called on the host after every step (a progress bar).
+    `progress()` is called on the host after every step (a progress bar). `key`: one key,
+    or one per row ([B] keys), so that a row's noise depends on its own key and not on its
+    place in the batch (a sharded evaluation then matches an unsharded one example by example).
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown sampler '{method}' (euler | heun)")
-    keys = jax.random.split(key, len(generate))
     clean = {g: streams[g].x for g in generate}
-    x = {
-        g: jnp.where(generate[g][..., None], jax.random.normal(k, clean[g].shape), clean[g])
-        for g, k in zip(generate, keys)
-    }
+    eps = {g: initial_noise(key, i, len(generate), clean[g].shape) for i, g in enumerate(generate)}
+    x = {g: jnp.where(generate[g][..., None], eps[g], clean[g]) for g in generate}
 
     def with_time(x, t):
         s = dict(streams)

@@ -152,10 +152,12 @@ class Generator:
         return self.many([wave], [prompt], [ref], settings, show_progress)[0]
 
     def many(self, waves, prompts, refs, settings: Settings = Settings(),
-             show_progress: bool = True) -> list[np.ndarray]:
+             show_progress: bool = True, ids=None) -> list[np.ndarray]:
         """Frames for several speeches at once: window w of every item runs in one batch,
         split over the mesh's devices (padded to a multiple of them). An item's noise
-        depends on its place in the batch; one item alone is deterministic in the seed."""
+        depends on its place in the batch; one item alone is deterministic in the seed.
+        With `ids` (an int per item) item i's noise depends on the seed and ids[i] only,
+        whatever batch it is in (so a sharded evaluation reproduces an unsharded one)."""
         cfg, d = self.cfg, self.cfg.data
         n, h, w, c = video_shape(cfg)
         overlap = settings.overlap if settings.overlap >= 0 else max(1, n // 4)
@@ -194,8 +196,11 @@ class Generator:
                 audio[i] = log_mel(wave, self.audio_start(u0), audio_frames(cfg), d.audio_features)
             batch = {**fixed, "video": pad(prev), "audio": pad(audio)}
             batch = jax.device_put({k_: jnp.asarray(v) for k_, v in batch.items()}, shard)
-            x = np.asarray(self._sample(self.params, batch, jnp.full((size,), k),
-                                        jax.random.fold_in(key, win), settings, self._tick))
+            wkey = jax.random.fold_in(key, win)
+            if ids is not None:
+                wkey = jax.device_put(_item_keys(wkey, pad(np.asarray(ids, np.int32))), shard)
+            x = np.asarray(self._sample(self.params, batch, jnp.full((size,), k), wkey,
+                                        settings, self._tick))
             for i in range(len(waves)):
                 if win < windows[i]:
                     videos[i] = np.concatenate([videos[i], x[i, k:]], 0)
@@ -210,6 +215,12 @@ class Generator:
 
     def _tick(self):
         self._bar.update(1)
+
+
+@jax.jit
+def _item_keys(key, ids):
+    """One key per item, from `key` and the item's id."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
 
 def generate_file(gen: Generator, out, audio=None, text=None, voice="en-us", prompt="",

@@ -41,14 +41,14 @@ def load_clips(dataset: str, data_dir: str, split: str, max_clips: int = 0,
     if indices is None:
         indices = range(len(source) if not max_clips else min(max_clips, len(source)))
     recs = [source[int(i)] for i in indices]
-    text = lambda x: x.decode() if isinstance(x, bytes) else str(x)  # noqa: E731
+    text = lambda x: x.decode() if isinstance(x, bytes) else str(x)
     return {"video": np.stack([r["video"] for r in recs]),
             "audio": np.stack([np.asarray(r["audio"], np.float32) for r in recs]),
             "viseme": np.stack([np.asarray(r["viseme"], np.int32) for r in recs]),
             "caption": [text(r["caption"]) for r in recs]}
 
 
-def _summary(rows: list[dict], expected_offset=None) -> dict:
+def summarize(rows: list[dict], expected_offset=None) -> dict:
     out = {}
     for key in ("sync_c", "sync_d", "sync_c0"):
         v = np.array([r[key] for r in rows])
@@ -62,7 +62,7 @@ def _summary(rows: list[dict], expected_offset=None) -> dict:
     return out
 
 
-def _versus(true_rows, rows, key: str) -> dict:
+def versus(true_rows, rows, key: str) -> dict:
     """Paired comparison of `key` (true audio minus the other condition) over clips."""
     d = np.array([a[key] - b[key] for a, b in zip(true_rows, rows)])
     se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
@@ -93,15 +93,15 @@ def calibrate(checkpoint: str, dataset: str | None = None, data_dir: str | None 
     result = {
         "checkpoint": str(checkpoint), "step": judge.step, "dataset": dataset, "split": split,
         "clips": n, "frames": t, "max_offset": judge.max_offset, "shifts": list(shifts),
-        "true": _summary(true, 0),
-        "shifted": {**_summary(all_shifted), "offset_accuracy": metrics.offset_accuracy(
+        "true": summarize(true, 0),
+        "shifted": {**summarize(all_shifted), "offset_accuracy": metrics.offset_accuracy(
             [r["offset"] for r in all_shifted], np.repeat(shifts, n)),
             "offset_accuracy_pm1": metrics.offset_accuracy(
             [r["offset"] for r in all_shifted], np.repeat(shifts, n), tol=1)},
-        "shifted_by": {str(s): _summary(shifted[s], s) for s in shifts},
-        "other_clip": _summary(other),
-        "true_vs_shifted": {k: _versus(true_rep, all_shifted, k) for k in ("sync_c", "sync_c0")},
-        "true_vs_other_clip": {k: _versus(true, other, k) for k in ("sync_c", "sync_c0")},
+        "shifted_by": {str(s): summarize(shifted[s], s) for s in shifts},
+        "other_clip": summarize(other),
+        "true_vs_shifted": {k: versus(true_rep, all_shifted, k) for k in ("sync_c", "sync_c0")},
+        "true_vs_other_clip": {k: versus(true, other, k) for k in ("sync_c", "sync_c0")},
         "curves": {"true_mean": np.mean([r["dists"] for r in true], 0).tolist(),
                    "other_clip_mean": np.mean([r["dists"] for r in other], 0).tolist(),
                    **{f"shifted_{s}_mean": np.mean([r["dists"] for r in shifted[s]], 0).tolist()

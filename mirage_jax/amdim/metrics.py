@@ -36,20 +36,25 @@ class Judge:
     """A trained SyncJudge for evaluation, jitted: `video_embeddings(videos)` [N, T, H, W, 3]
     (uint8, or float in [-1, 1]) -> [N, T - window + 1, D]; `audio_embeddings(feats)`
     [N, T, F] -> [N, T - window + 1, D]; `frame_features(videos)` -> [N, T, width].
-    Any object with these three methods and `window`, `max_offset` can be judged with."""
+    Any object with these three methods and `window`, `max_offset` can be judged with.
 
-    def __init__(self, model, cfg):
+    Clips go through in batches of exactly `batch` (the last one padded): one compiled shape
+    per clip length, bounded memory, and a clip's numbers do not depend on the clips that
+    came with it, so a sharded evaluation reproduces an unsharded one clip by clip."""
+
+    def __init__(self, model, cfg, batch: int = 8):
         self.cfg, self.window, self.max_offset = cfg, cfg.sync.window, cfg.sync.max_shift
-        self.n_mels = cfg.data.audio_features
+        self.n_mels, self.batch = cfg.data.audio_features, batch
         self._graphdef, self._params = nnx.split(model, nnx.Param)
 
     @classmethod
     def load(cls, checkpoint, weights: str = "ema") -> Judge:
-        """The judge of a `task=sync` run (workdir, checkpoints dir or export)."""
+        """The judge of a `task=sync` run (workdir, checkpoints dir or export), on this
+        process's first device."""
         from mirage_jax import sharding
         from mirage_jax.train.checkpoint import load_run
 
-        run = load_run(checkpoint, sharding.data_mesh(jax.devices()[:1]), weights)
+        run = load_run(checkpoint, sharding.data_mesh(jax.local_devices()[:1]), weights)
         if run["cfg"].task != "sync":
             raise ValueError(f"{run['where']} is a '{run['cfg'].task}' checkpoint, not a sync "
                              f"judge")
@@ -57,20 +62,27 @@ class Judge:
         judge.step, judge.where = run["step"], run["where"]
         return judge
 
+    def _run(self, method: str, x) -> np.ndarray:
+        x, out = np.asarray(x), []
+        for i in range(0, len(x), self.batch):
+            part = x[i:i + self.batch]
+            pad = np.zeros((self.batch - len(part), *part.shape[1:]), part.dtype)
+            y = _apply(self._graphdef, self._params, method, _signed(np.concatenate([part, pad])))
+            out.append(np.asarray(y)[:len(part)])
+        return np.concatenate(out)
+
     def video_embeddings(self, videos):
-        return np.asarray(_apply(self._graphdef, self._params, "video", _signed(videos)))
+        return self._run("video", videos)
 
     def audio_embeddings(self, feats):
-        return np.asarray(_apply(self._graphdef, self._params, "audio",
-                                 jnp.asarray(feats, jnp.float32)))
+        return self._run("audio", np.asarray(feats, np.float32))
 
     def frame_features(self, videos):
-        return np.asarray(_apply(self._graphdef, self._params, "frame_features",
-                                 _signed(videos)))
+        return self._run("frame_features", videos)
 
 
 def _signed(videos):
-    videos = np.asarray(videos)
+    """uint8 pixels -> [-1, 1]; float arrays (already signed, or audio features) as they are."""
     if videos.dtype == np.uint8:
         return jnp.asarray(videos, jnp.float32) / 127.5 - 1.0
     return jnp.asarray(videos, jnp.float32)
