@@ -6,7 +6,9 @@
 Each step: 8 whole clips (50 frames, 46 windows of 5 frames each) -> the mouth box of every
 frame and the log-mel of every audio frame -> the embeddings of all 368 video and audio
 windows -> InfoNCE where each window's positive competes with the other 7 clips' 322
-windows and its own clip's windows 3..15 frames away (mirage_jax/amdim/sync.py).
+windows and its own clip's windows 3..15 frames away (mirage_jax/amdim/sync.py). The video
+of 3 in 4 clips is degraded first (sync.degrade_video: blur, 2x down-up sampling, lower
+contrast, noise), so the judge also reads the washed-out mouths of VAE-decoded clips.
 """
 
 from mirage_jax.config import base_config
@@ -25,6 +27,15 @@ def get_config():
     c.sync.ndf = 16
     c.sync.width = 128
     c.sync.n_rkhs = 128
+    # Video-only training degradation (sync.degrade_video), so the judge reads the washed-out
+    # mouths of VAE-decoded clips too: 3 of 4 clips blurred (sigma ~ U(0, 2) px; the shipped
+    # VAE's decodes match sigma ~1), half of those also 2x down-up sampled, contrast down by
+    # up to 20 %, pixel noise up to std 0.08.
+    c.sync.degrade = 0.75
+    c.sync.degrade_blur = 2.0
+    c.sync.degrade_down = (1, 2)
+    c.sync.degrade_contrast = 0.2
+    c.sync.degrade_noise = 0.08
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.0

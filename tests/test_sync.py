@@ -240,3 +240,76 @@ def test_calibrate_cli_end_to_end(sync_run, corpus_dir, tmp_path):
     assert cli.main(["export", "--checkpoint", str(workdir), "--out", str(export_dir)]) == 0
     assert metrics.Judge.load(export_dir).video_embeddings(np.zeros((1, 12, 16, 16, 3),
                                                                     np.uint8)).shape == (1, 8, 32)
+
+
+def _small_cfg(*overrides):
+    return _cfg("data.height=16", "data.width=16", "data.frames=12", "data.audio_features=16",
+                "sync.crop_size=16", "sync.ndf=8", "sync.width=32", "sync.n_rkhs=32", *overrides)
+
+
+def test_degrade_video():
+    import jax
+
+    from mirage_jax.amdim.sync import degrade_video
+
+    rng = np.random.default_rng(0)
+    video = jnp.asarray(rng.uniform(-1, 1, (4, 6, 16, 16, 3)), jnp.float32)
+    key = jax.random.PRNGKey(3)
+    s = _small_cfg().sync
+    assert s.degrade > 0  # the demo recipe trains with it
+    off = _small_cfg("sync.degrade=0.0").sync
+    np.testing.assert_array_equal(degrade_video(key, video, off), video)
+    # Every part off (blur 0, no down-up, full contrast, no noise): clips come back as they are.
+    none = _small_cfg("sync.degrade=1.0", "sync.degrade_blur=0.0", "sync.degrade_down=(1,)",
+                      "sync.degrade_contrast=0.0", "sync.degrade_noise=0.0").sync
+    np.testing.assert_allclose(degrade_video(key, video, none), video, atol=1e-5)
+    # All clips degraded: smoother (less pixel-to-pixel change), inside [-1, 1].
+    on = _small_cfg("sync.degrade=1.0", "sync.degrade_noise=0.0").sync
+    x = np.asarray(degrade_video(key, video, on))
+    assert x.shape == video.shape and np.abs(x).max() <= 1.0
+    tv = lambda v: np.abs(np.diff(np.asarray(v), axis=3)).mean(axis=(1, 2, 3, 4))
+    assert (tv(x) < tv(video)).all()
+    # One draw per clip: a clip of one repeated frame stays one repeated frame.
+    still = jnp.broadcast_to(video[:, :1], video.shape)
+    y = np.asarray(degrade_video(key, still, on))
+    np.testing.assert_allclose(y, np.broadcast_to(y[:, :1], y.shape), atol=1e-6)
+
+
+def test_degradation_is_training_only_and_video_only(monkeypatch):
+    import jax
+    from flax import nnx
+
+    from mirage_jax.amdim import sync
+
+    cfg = _small_cfg("sync.degrade=1.0")
+    clean = _small_cfg("sync.degrade=0.0")
+    model = sync.SyncJudge(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    batch = {"video": jnp.asarray(rng.uniform(-1, 1, (2, 12, 16, 16, 3)), jnp.float32),
+             "audio": jnp.asarray(rng.normal(size=(2, 12, 16)), jnp.float32)}
+    key = jax.random.PRNGKey(0)
+    seen = {"video": [], "audio": []}
+    video_fn, audio_fn = model.video, model.audio
+    monkeypatch.setattr(model, "video", lambda x, box=None: (seen["video"].append(x),
+                                                             video_fn(x, box))[1])
+    monkeypatch.setattr(model, "audio", lambda a: (seen["audio"].append(a), audio_fn(a))[1])
+    loss_on, _ = sync.sync_loss(model, batch, key, cfg)
+    loss_off, _ = sync.sync_loss(model, batch, key, clean)
+    assert np.isfinite(float(loss_on)) and float(loss_on) != pytest.approx(float(loss_off))
+    # Same key, same flips and boxes: only the video the judge saw differs, not the audio.
+    np.testing.assert_array_equal(seen["audio"][0], seen["audio"][1])
+    np.testing.assert_array_equal(seen["audio"][0], batch["audio"])
+    assert np.abs(np.asarray(seen["video"][0]) - np.asarray(seen["video"][1])).mean() > 1e-3
+
+    # The evaluation path (the model's own video / frame_features, which metrics.Judge jits)
+    # never degrades; sync_loss does exactly when sync.degrade > 0.
+    def boom(*_):
+        raise AssertionError("degraded")
+
+    monkeypatch.setattr(sync, "degrade_video", boom)
+    a = np.asarray(video_fn(batch["video"]))
+    np.testing.assert_array_equal(a, np.asarray(video_fn(batch["video"])))
+    assert np.asarray(model.frame_features(batch["video"])).shape == (2, 12, 32)
+    sync.sync_loss(model, batch, key, clean)
+    with pytest.raises(AssertionError, match="degraded"):
+        sync.sync_loss(model, batch, key, cfg)

@@ -23,6 +23,12 @@ how the loss gets its shifted negatives and the metrics their offsets (metrics.p
   audio  log-mel [B, T, F] -> two per-frame dense layers -> [B, T, width]
   both   -> temporal conv (width `window`, valid) -> FeatureHead (model.py) -> [B, T-window+1, D]
 
+Training can degrade the video view (`sync.degrade` > 0, degrade_video: per clip a random
+Gaussian blur, down-up sampling, lower contrast, pixel noise; the audio view, the box and
+the metrics untouched), so the judge also reads mouths washed out by a small VAE's decoder
+(the demo DiT's clips, and the "reconstructed" group of evaluate.py) without being told
+about the VAE.
+
 Window w of the output covers frames w .. w + window - 1. The mouth box is fixed in
 image fractions (the synthetic speakers' faces sit at a known place, face.py; their
 largest sway stays inside it); footage with moving faces would need a face track first.
@@ -56,6 +62,13 @@ def sync_defaults() -> dict:
         "n_rkhs": 128,  # embedding width: the space where scores are dot products
         "tclip": 20.0,  # scores soft-clipped to c * tanh(s / c)
         "score_penalty": 5e-2,  # weight of mean(score^2), taken before the clip
+        # Training only, video only: each clip, with probability `degrade`, is degraded the
+        # way a decoder washes out mouths (degrade_video): the same draw for all its frames.
+        "degrade": 0.0,  # fraction of the batch's clips degraded (0: off)
+        "degrade_blur": 2.0,  # Gaussian blur of sigma ~ U(0, this) frame pixels
+        "degrade_down": (1, 2),  # downsample by one of these (box) and back up (bilinear)
+        "degrade_contrast": 0.2,  # contrast scaled by ~ U(1 - this, 1) about the clip's mean
+        "degrade_noise": 0.08,  # Gaussian pixel noise of std ~ U(0, this) ([-1, 1] units)
     }
 
 
@@ -182,14 +195,61 @@ def jittered_boxes(key, n: int, crop, jitter: float):
                                                             -1)
 
 
+def _blur_matrix(n: int, sigma):
+    """[..., n, n] row-normalised Gaussian blur along one image axis (sigma in pixels)."""
+    d = jnp.arange(n, dtype=jnp.float32)
+    d = jnp.square(d[:, None] - d[None, :])
+    s = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-3)[..., None, None]
+    g = jnp.exp(-d / (2.0 * jnp.square(s)))
+    return g / jnp.sum(g, axis=-1, keepdims=True)
+
+
+def _down_up_matrix(n: int, f: int):
+    """[n, n]: box-average downsampling by f, then bilinear upsampling back to n."""
+    m = n // f
+    if f <= 1 or m < 1:
+        return jnp.eye(n, dtype=jnp.float32)
+    down = (jnp.arange(n)[None, :] // f == jnp.arange(m)[:, None]).astype(jnp.float32) / f
+    c = jnp.clip((jnp.arange(n, dtype=jnp.float32) + 0.5) / f - 0.5, 0.0, m - 1.0)
+    up = jnp.maximum(0.0, 1.0 - jnp.abs(c[:, None] - jnp.arange(m)[None, :]))
+    return up @ down
+
+
+def degrade_video(key, video, s):
+    """video [B, T, H, W, C] in [-1, 1] -> the same with each clip, with probability
+    `s.degrade`, blurred (Gaussian, sigma ~ U(0, degrade_blur)), downsampled by a factor
+    drawn from `degrade_down` and upsampled back, its contrast reduced (~ U(1 - degrade_contrast,
+    1)) and Gaussian noise added (std ~ U(0, degrade_noise)); one draw per clip, every frame
+    alike. What a small VAE's decoder does to mouths, without the VAE (training only)."""
+    b, _, h, w, _ = video.shape
+    kp, ks, kf, kc, kn, ke = jax.random.split(key, 6)
+    on = jax.random.bernoulli(kp, s.degrade, (b,))
+    sigma = jnp.where(on, jax.random.uniform(ks, (b,), maxval=s.degrade_blur), 0.0)
+    factors = tuple(int(f) for f in s.degrade_down) or (1,)
+    fi = jax.random.randint(kf, (b,), 0, len(factors))
+    keep = lambda m, n: jnp.where(on[:, None, None], m, jnp.eye(n, dtype=jnp.float32))
+    mh = keep(jnp.stack([_down_up_matrix(h, f) for f in factors])[fi] @ _blur_matrix(h, sigma), h)
+    mw = keep(jnp.stack([_down_up_matrix(w, f) for f in factors])[fi] @ _blur_matrix(w, sigma), w)
+    x = jnp.einsum("bih,bthwc,bjw->btijc", mh, video, mw)
+    c = jnp.where(on, 1.0 - jax.random.uniform(kc, (b,), maxval=s.degrade_contrast), 1.0)
+    mean = jnp.mean(x, axis=(1, 2, 3, 4), keepdims=True)
+    x = mean + c[:, None, None, None, None] * (x - mean)
+    std = jnp.where(on, jax.random.uniform(kn, (b,), maxval=s.degrade_noise), 0.0)
+    x = x + std[:, None, None, None, None] * jax.random.normal(ke, x.shape)
+    return jnp.where(on[:, None, None, None, None], jnp.clip(x, -1.0, 1.0), video)
+
+
 def sync_loss(model: SyncJudge, batch: dict, key, cfg):
     """The `sync` task's loss for the train step: every window of each clip of the batch
     (`data.frames` frames from the pipeline: the whole clip at 50), the mouth box jittered
     and flipped per clip (the same box for all of a clip's windows, so the shifted negatives
-    differ from the positive only in time)."""
+    differ from the positive only in time), and, with `sync.degrade` > 0, a share of the
+    clips degraded (degrade_video: blur, down-up sampling, contrast, noise; video only)."""
     s = cfg.sync
     video, audio = batch["video"].astype(jnp.float32), batch["audio"]
     kb, kf = jax.random.split(key)
+    if s.degrade > 0:
+        video = degrade_video(jax.random.fold_in(key, 1), video, s)
     flip = jax.random.bernoulli(kf, 0.5, (video.shape[0],))[:, None, None, None, None]
     video = jnp.where(flip, video[:, :, :, ::-1], video)
     box = jittered_boxes(kb, video.shape[0], s.crop, s.crop_jitter)
