@@ -7,7 +7,10 @@ Each step: 8 clips -> 3 consecutive frames and the clip's reference frame each (
 -> two augmented views of each on the device -> multi-scale InfoNCE. Most negatives of a
 frame are then the same speaker at other moments, which identity cannot tell apart: the
 encoder has to code the mouth (with one frame per clip, identity alone solved the task
-and the viseme probe fell below the random encoder's; README).
+and the viseme probe fell below the random encoder's; README). The heads end in the
+reference's batch norm (amdim.head_norm): with a LayerNorm instead the loss stayed at
+chance and training erased the mouth from the features. The probe reads the local 5x5
+features (amdim.probe_features = 'r5'): the global feature codes the speaker, not the mouth.
 """
 
 from mirage_jax.config import base_config
@@ -29,7 +32,7 @@ def get_config():
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.0
     c.optim.ema_decay = 0.99
-    c.train.steps = 480
+    c.train.steps = 500
     c.train.log_every = 20
-    c.train.ckpt_every = 120
+    c.train.ckpt_every = 250
     return c

@@ -246,6 +246,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          d.frames),  # a clip needs a shifted window as a negative
         (0 < cfg.sync.min_shift <= cfg.sync.max_shift, "sync.min_shift", cfg.sync.min_shift),
         (cfg.amdim.image_size in (32, 64), "amdim.image_size", cfg.amdim.image_size),
+        (cfg.amdim.head_norm in ("batch", "layer"), "amdim.head_norm", cfg.amdim.head_norm),
+        (all(f.strip() in ("r1", "r5", "r7") for f in cfg.amdim.probe_features.split(",")),
+         "amdim.probe_features", cfg.amdim.probe_features),
         (cfg.amdim.ndf > 0 and cfg.amdim.depth > 0 and cfg.amdim.n_rkhs > 0, "amdim.ndf",
          cfg.amdim.ndf),
         (cfg.amdim.tclip > 0, "amdim.tclip", cfg.amdim.tclip),

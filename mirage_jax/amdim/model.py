@@ -16,9 +16,10 @@ encoder):
     res  3x3    (+ d-1)  8w -> 8w    1x1   global feature r1
 
 At image_size = 32 the first residual unit is 1x1 (30x30 stays 30x30); the rest is equal.
-No batch norm: the train state holds parameters only, and a frozen encoder must give one
-image the same features in any batch (the probe, the sync judge). The feature heads end
-in a LayerNorm where the reference has its one always-on batch norm.
+No batch norm in the encoder: a frozen encoder must give one image the same features in any
+batch (the probe, the judges). The feature heads end, as in the reference, in its one
+always-on batch norm, with the statistics of the current batch (no running averages: the
+heads serve only the training loss, and the train state holds parameters only).
 """
 
 from __future__ import annotations
@@ -37,9 +38,19 @@ def amdim_defaults() -> dict:
         "ndf": 32,  # channels of the first level (the reference's ndf)
         "depth": 1,  # residual units per block (the reference's n_depth)
         "n_rkhs": 128,  # width of the feature heads: the space where scores are dot products
+        # How the feature heads end: 'batch' (the reference's always-on batch norm, statistics
+        # of the current batch) or 'layer'. Batch norm makes every score channel vary across
+        # the batch, so the heads cannot collapse to one vector for all images (with 'layer'
+        # the loss sat at chance and the encoder lost the mouth: configs/amdim_demo.py).
+        "head_norm": "batch",
         "tclip": 20.0,  # scores soft-clipped to c * tanh(s / c)
         "score_penalty": 5e-2,  # weight of mean(score^2), taken before the clip
         "use_ref": True,  # the clip's reference frame joins the batch (a same-speaker negative)
+        # What a linear probe (probe.py) reads of a frozen encoder, trained or at random init
+        # alike: 'r1' (the global feature, the reference's evaluation) and/or the local maps
+        # 'r5', 'r7', flattened. 'r5': the mouth is a few pixels of a 64x64 frame, and the
+        # global feature codes the speaker; the mouth lives in the local features.
+        "probe_features": "r5",
         "crop_min_scale": 0.3,  # random resized crop: area fraction in [this, 1], ratio 0.7..1.4
         "jitter": 0.4,  # colour jitter: brightness, contrast, saturation in 1 +- this
         "hue": 0.2,  # and hue rotated by up to +- this fraction of a turn
@@ -111,29 +122,40 @@ class ResUnit(nnx.Module):
 
 class FeatureHead(nnx.Module):
     """The residual 1x1-conv MLP that maps encoder features into the score space (the
-    reference's FakeRKHSConvNet): x W_skip + W2 relu(W1 x), then LayerNorm. The shortcut
-    starts as a (padded) identity and W2 at zero, so training starts from the features."""
+    reference's FakeRKHSConvNet): x W_skip + W2 relu(W1 x), then a norm: 'layer' (per
+    vector) or 'batch' (per channel over the batch and locations, the reference's bn_out).
+    The shortcut starts as a (padded) identity and W2 at zero, so training starts from the
+    features."""
 
-    def __init__(self, cfg, cin, cout, *, rngs):
+    def __init__(self, cfg, cin, cout, norm: str = "layer", *, rngs):
+        if norm not in ("layer", "batch"):
+            raise ValueError(f"FeatureHead norm must be 'layer' or 'batch', got {norm!r}")
+        self.batch_norm = norm == "batch"
         eye = lambda key, shape, dtype: jnp.eye(shape[2], shape[3], dtype=dtype)[None, None]
         self.skip = Conv(cfg, cin, cout, init=eye, rngs=rngs)
         self.hidden = Conv(cfg, cin, cout, rngs=rngs)
         self.out = Conv(cfg, cout, cout, init=nnx.initializers.zeros_init(), rngs=rngs)
         # Scale 1/2 at first: unit-norm features of near-identical images (all faces, at
         # init) would score ~sqrt(D) and the score penalty would drown the NCE at the start.
+        # (Batch norm standardises each channel, so its scale starts at 1 as in the reference.)
         self.norm = nnx.LayerNorm(cout, rngs=rngs, scale_init=nnx.with_partitioning(
-            nnx.initializers.constant(0.5), ("mlp",)), bias_init=nnx.with_partitioning(
-            nnx.initializers.zeros_init(), ("mlp",)))
+            nnx.initializers.constant(1.0 if self.batch_norm else 0.5), ("mlp",)),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp",)))
 
     def __call__(self, x):
-        h = self.skip(x) + self.out(jax.nn.relu(self.hidden(x)))
-        return self.norm(h.astype(jnp.float32))
+        h = (self.skip(x) + self.out(jax.nn.relu(self.hidden(x)))).astype(jnp.float32)
+        if not self.batch_norm:
+            return self.norm(h)
+        axes = tuple(range(h.ndim - 1))
+        h = (h - h.mean(axes)) * jax.lax.rsqrt(h.var(axes) + 1e-5)
+        return h * self.norm.scale[...] + self.norm.bias[...]
 
 
 class AMDIM(nnx.Module):
     """Encoder + feature heads. `encode(x)`: the encoder's maps r1 [B, 8w], r5 [B, 5, 5, 8w],
     r7 [B, 7, 7, 4w]; `__call__(x)`: their head outputs g [B, D], l5 [B, 5, 5, D],
-    l7 [B, 7, 7, D] with D = `amdim.n_rkhs`. x: [B, S, S, 3] in [-1, 1], S = image_size."""
+    l7 [B, 7, 7, D] with D = `amdim.n_rkhs` (with batch-norm heads, these depend on the
+batch: they are for the loss). x: [B, S, S, 3] in [-1, 1], S = image_size."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         a = cfg.amdim
@@ -142,9 +164,9 @@ class AMDIM(nnx.Module):
         self.blocks = nnx.List([
             nnx.List([ResUnit(cfg, *u, rngs=rngs) for u in block])
             for block in _units(a.image_size, w, a.depth)])
-        self.head1 = FeatureHead(cfg, 8 * w, a.n_rkhs, rngs=rngs)
-        self.head5 = FeatureHead(cfg, 8 * w, a.n_rkhs, rngs=rngs)
-        self.head7 = FeatureHead(cfg, 4 * w, a.n_rkhs, rngs=rngs)
+        self.head1 = FeatureHead(cfg, 8 * w, a.n_rkhs, a.head_norm, rngs=rngs)
+        self.head5 = FeatureHead(cfg, 8 * w, a.n_rkhs, a.head_norm, rngs=rngs)
+        self.head7 = FeatureHead(cfg, 4 * w, a.n_rkhs, a.head_norm, rngs=rngs)
 
     def encode(self, x) -> dict:
         if x.shape[1:3] != (self.size, self.size):

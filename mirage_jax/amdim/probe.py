@@ -3,8 +3,9 @@
     mirage-jax probe --checkpoint RUN [--dataset synthetic_aroll/small --data_dir DATA]
                      --out probe.json
 
-The same frames are described three ways: the trained encoder's global feature (the 1x1
-map r1, EMA weights), the same encoder at random init, and the raw pixels. For each, one
+The same frames are described three ways: the trained encoder's features (EMA weights;
+`amdim.probe_features`: the global 1x1 feature r1 and/or the flattened local maps r5, r7),
+the same features of the same encoder at random init, and the raw pixels. For each, one
 multinomial logistic regression per label (standardised features, L2 penalty, L-BFGS) is
 fit on frames of the train split and scored on every frame of the test split: other clips
 and sentences, the same speakers. Labels: the frame's viseme and, from the speaker id,
@@ -58,22 +59,26 @@ def load_frames(dataset: str, data_dir: str, split: str, stride: int, max_clips:
     return {"images": np.concatenate(images), "clip": np.concatenate(clips), "labels": out}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode(graphdef, params, images, size: int):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _encode(graphdef, params, images, size: int, maps: tuple):
     x = resize(images.astype(jnp.float32) / 127.5 - 1.0, size)
-    return nnx.merge(graphdef, params).encode(x)["r1"]
+    r = nnx.merge(graphdef, params).encode(x)
+    return jnp.concatenate([r[k].reshape(len(x), -1) for k in maps], axis=1)
 
 
-def encoder_features(model: AMDIM, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Global features r1 [N, 8 * ndf] of uint8 frames, resized to the encoder's size (one
-    compiled shape: the last batch is padded)."""
+def encoder_features(model: AMDIM, images: np.ndarray, maps=("r1",),
+                     batch: int = 256) -> np.ndarray:
+    """The encoder's `maps` (r1 [N, 8 * ndf], r5, r7 flattened), concatenated, of uint8
+    frames resized to the encoder's size (one compiled shape: the last batch is padded)."""
+    if not maps or set(maps) - {"r1", "r5", "r7"}:
+        raise ValueError(f"probe features must be among r1, r5, r7; got {maps}")
     graphdef, params = nnx.split(model, nnx.Param)
     out = []
     for i in range(0, len(images), batch):
         x = images[i:i + batch]
         pad = np.zeros((batch - len(x), *x.shape[1:]), x.dtype)
-        out.append(np.asarray(_encode(graphdef, params, np.concatenate([x, pad]), model.size))
-                   [:len(x)])
+        out.append(np.asarray(_encode(graphdef, params, np.concatenate([x, pad]), model.size,
+                                      tuple(maps)))[:len(x)])
     return np.concatenate(out)
 
 
@@ -154,8 +159,9 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
     is_val = train["clip"] % 5 == 4  # whole clips: neighbouring frames never straddle
     encoders = {"amdim": nnx.merge(trained["graphdef"], trained["params"]),
                 "random_init": AMDIM(cfg, nnx.Rngs(params=seed + 1))}
-    feats = {k: (encoder_features(m, train["images"]), encoder_features(m, test["images"]))
-             for k, m in encoders.items()}
+    maps = tuple(m.strip() for m in cfg.amdim.probe_features.split(","))
+    feats = {k: (encoder_features(m, train["images"], maps),
+                 encoder_features(m, test["images"], maps)) for k, m in encoders.items()}
     feats["pixels"] = (pixel_features(train["images"]), pixel_features(test["images"]))
     log(f"features of {len(train['images'])} + {len(test['images'])} frames: "
         f"{time.perf_counter() - t0:.0f}s")
@@ -174,6 +180,7 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
                 f"fit {row['fit']:.3f}, l2 {row['l2']:g})")
     return {
         "checkpoint": str(checkpoint), "step": trained["step"], "dataset": dataset,
+        "encoder_features": list(maps),
         "train_frames": len(ytr), "test_frames": len(yte),
         "feature_dims": {k: int(v[0].shape[1]) for k, v in feats.items()},
         "accuracy": table, "details": details, "seconds": time.perf_counter() - t0,
