@@ -7,6 +7,7 @@ mirage-jax generate --checkpoint DIT_RUN --text "Hello there." --out hello.mp4
 mirage-jax export --checkpoint VAE_RUN --out vae_export [--no-ema] [--dtype bfloat16]
 mirage-jax import-torch vae_export --out VAE_RUN_AGAIN
 mirage-jax bench data --config configs/demo.py
+mirage-jax bench train --config configs/demo.py [--steps 5] [--rounds 3] [--out bench.json]
 mirage-jax probe --checkpoint AMDIM_RUN --data_dir DATA --out probe.json
 mirage-jax sync-calibrate --checkpoint SYNC_RUN --data_dir DATA --out calibration.json
 mirage-jax evaluate --checkpoint DIT_RUN --judge SYNC_RUN --num_examples 32 --out eval/
@@ -194,6 +195,13 @@ def _bench(args, overrides):
         print(f"pipeline {r['pipeline_examples_per_s']:.1f} examples/s ({r['workers']} workers) vs "
               f"train step {r['train_step_examples_per_s']:.1f} examples/s: "
               f"ratio {r['ratio']:.2f}")
+    else:
+        r = bench.bench_train(cfg, steps=args.steps, rounds=args.rounds, use_torch=args.torch,
+                              compile_backend="inductor" if args.compile else None)
+        print(bench.report_train(r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": args.config, "overrides": overrides, **r}, f, indent=1)
     return 0
 
 
@@ -348,9 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="workdir of the new run")
     p.set_defaults(run=_import_torch)
     p = sub.add_parser("bench", help="throughput as ratios measured in one run")
-    p.add_argument("what", choices=["data"])
+    p.add_argument("what", choices=["data", "train"])
     p.add_argument("--config", required=True)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="data: seconds of the pipeline")
+    p.add_argument("--steps", type=int, default=5, help="train: timed steps per round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="train: rounds, each variant taking its turn in every round")
+    p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                   help="train: the same step in PyTorch (skipped if torch is not installed)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="train: also the torch.compile'd step")
+    p.add_argument("--out", help="also write the figures to this JSON file")
     p.set_defaults(run=_bench)
     p = sub.add_parser("probe", help="linear probes on a trained AMDIM encoder's features")
     p.add_argument("--checkpoint", required=True, help="workdir (or checkpoints dir) of a run")
