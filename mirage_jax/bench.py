@@ -26,13 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mirage_jax import flow, sharding
+from mirage_jax import sharding
 from mirage_jax.data.pipeline import GrainSource, bench_data
 from mirage_jax.model.dit import DTYPES
-from mirage_jax.model.tokens import batch_to_streams, token_motion
 from mirage_jax.train import state as state_lib
 from mirage_jax.train.loop import global_batch, tokens_per_example
-from mirage_jax.train.step import MODEL_KEYS, compile_step
+from mirage_jax.train.step import MODEL_KEYS, compile_step, dit_flow_inputs
 
 PEAK_N = 2048  # square matmul for the peak: large enough to be compute-bound on a CPU
 LOSS_RTOL = 1e-4  # torch's step-0 loss against JAX's: the same computation or no comparison
@@ -130,17 +129,12 @@ def random_params(setup, seed: int = 0):
 
 def flow_inputs(cfg, state, batch):
     """What the JAX step's first micro-batch feeds its model at `state["step"]`: noised
-    streams, velocity targets and loss weights, drawn with the step's key exactly as
-    `train.step.batch_loss` draws them (the loss check below fails if they drift apart)."""
+    streams, velocity targets and loss weights, from `train.step.dit_flow_inputs` with the
+    step's key (the loss check below fails if the keys drift apart)."""
 
     def inputs(rng, step, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-        key = jax.random.fold_in(key, 0)  # micro-batch 0
-        noised, targets, weights = flow.training_inputs(key, batch_to_streams(batch, cfg), cfg)
-        if cfg.flow.motion_weight:
-            motion = token_motion(batch["video"].astype(jnp.float32), cfg.model.patch)
-            weights["video"] = weights["video"] * (1.0 + cfg.flow.motion_weight * motion)
-        return noised, targets, weights
+        return dit_flow_inputs(batch, jax.random.fold_in(key, 0), cfg)  # micro-batch 0
 
     return jax.device_get(jax.jit(inputs)(state["rng"], state["step"], batch))
 

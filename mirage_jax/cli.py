@@ -43,6 +43,17 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def add_distributed_args(p) -> None:
+    """The flags `init_distributed` reads, for every command that runs on several processes."""
+    p.add_argument(
+        "--distributed", action="store_true", help="jax.distributed from the cluster (TPU, SLURM)"
+    )
+    p.add_argument("--coordinator", help="host:port of process 0 (explicit multi-process)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
+
+
 def init_distributed(args) -> None:
     """Joins the multi-process job, or fails: a host that silently trains alone wastes a pod."""
     if not (args.distributed or args.coordinator):
@@ -297,13 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="configs/*.py with get_config()")
     p.add_argument("--workdir", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument(
-        "--distributed", action="store_true", help="jax.distributed from the cluster (TPU, SLURM)"
-    )
-    p.add_argument("--coordinator", help="host:port of process 0 (explicit multi-process)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-    p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
+    add_distributed_args(p)
     p.set_defaults(run=_train)
     p = sub.add_parser("prepare", help="build a dataset as ArrayRecord shards")
     p.add_argument("--dataset", required=True, help="synthetic_aroll/<tiny|small|large> or aroll_folder")
@@ -405,11 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-clips", type=int, default=160,
                    help="train clips for the viseme probe and the Frechet reference")
-    p.add_argument("--distributed", action="store_true", help="jax.distributed from the cluster")
-    p.add_argument("--coordinator", help="host:port of process 0 (explicit multi-process)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-    p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
+    add_distributed_args(p)
     p.set_defaults(run=_evaluate)
     p = sub.add_parser("plan", help="per-device memory and step time of a config on a mesh")
     p.add_argument("--config", required=True)

@@ -30,12 +30,17 @@ def batch_loss(model, batch: dict, key, cfg):
     if cfg.task == "sync":
         return sync_loss(model, batch, key, cfg)
     # Rectified flow: tokens, task/time/noise draw, velocity error.
-    streams = batch_to_streams(batch, cfg)
-    noised, targets, weights = flow.training_inputs(key, streams, cfg)
+    noised, targets, weights = dit_flow_inputs(batch, key, cfg)
+    return flow.loss_fn(model(noised), targets, weights)
+
+
+def dit_flow_inputs(batch: dict, key, cfg):
+    """The DiT's (noised streams, velocity targets, loss weights) for one micro-batch."""
+    noised, targets, weights = flow.training_inputs(key, batch_to_streams(batch, cfg), cfg)
     if cfg.flow.motion_weight:  # lip sync lives in the few tokens that move
         motion = token_motion(batch["video"].astype(jnp.float32), cfg.model.patch)
         weights["video"] = weights["video"] * (1.0 + cfg.flow.motion_weight * motion)
-    return flow.loss_fn(model(noised), targets, weights)
+    return noised, targets, weights
 
 
 def make_train_step(cfg, s):
