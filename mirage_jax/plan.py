@@ -90,6 +90,9 @@ def count_flops(jaxpr, scale: float = 1.0) -> float:
         elif name == "conv_general_dilated":
             rhs = eqn.invars[1].aval.shape
             per_output = math.prod(rhs) / rhs[params["dimension_numbers"].rhs_spec[0]]
+            # An input-dilated conv (the input gradient of a strided one) skips the zeros
+            # it inserts: about 1 / prod(lhs_dilation) of its taps are real.
+            per_output /= math.prod(params.get("lhs_dilation") or (1,))
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
         elif name == "scan":
             total += params["length"] * count_flops(params["jaxpr"])

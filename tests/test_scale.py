@@ -120,6 +120,14 @@ def test_count_flops_multiplies_loops():
     img, ker = jnp.ones((1, 3, 8, 8)), jnp.ones((5, 3, 3, 3))
     conv = jax.make_jaxpr(lambda a, b: jax.lax.conv(a, b, (1, 1), "SAME"))(img, ker)
     assert plan.count_flops(conv) == 2 * 5 * 8 * 8 * 3 * 3 * 3
+    # A stride-2 conv's backward is two convs of the forward's cost (input and kernel
+    # gradients); the input gradient's inserted zeros are not FLOPs.
+    img = jnp.ones((2, 4, 16, 16))
+    strided = lambda a, b: jax.lax.conv(a, b, (2, 2), "SAME").sum()  # noqa: E731
+    fwd = plan.count_flops(jax.make_jaxpr(strided)(img, ker[:, :1].repeat(4, 1)))
+    both = plan.count_flops(jax.make_jaxpr(jax.grad(strided, (0, 1)))(img, ker[:, :1].repeat(4, 1)))
+    assert fwd == 2 * 2 * 5 * 8 * 8 * 4 * 3 * 3
+    assert both == pytest.approx(3 * fwd, rel=1e-6)
 
 
 def test_plan_cli_tiny(tmp_path, capsys):

@@ -31,7 +31,9 @@ from tensorboardX import SummaryWriter
 from mirage_jax import sharding
 from mirage_jax.data.pipeline import GrainSource
 from mirage_jax.latents import Codec, report_batches, vae_report
+from mirage_jax.model.dit import DTYPES
 from mirage_jax.model.tokens import audio_frames, video_shape, video_tokens_per_second
+from mirage_jax.plan import model_flops
 from mirage_jax.train import state as state_lib
 from mirage_jax.train.checkpoint import Checkpointer, CheckpointSaveError  # noqa: F401
 from mirage_jax.train.step import MODEL_KEYS, compile_step
@@ -39,16 +41,34 @@ from mirage_jax.train.step import MODEL_KEYS, compile_step
 log = logging.getLogger("mirage_jax")
 
 
-def measure_peak_flops(n: int = 1024, reps: int = 5) -> float:
-    """FLOP/s of a float32 matmul on one device: the MFU denominator where none is given."""
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices()[0])
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = mm(a)
-    out.block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+PEAK_REPS = 3  # timed matmuls for the measured peak: ~1.5 s at loop start on a 2-core CPU
+
+
+def peak_flops(cfg) -> tuple[float, str]:
+    """The MFU denominator, FLOP/s of one device, and where it came from: `train.peak_flops`,
+    else `bench.matmul_rate` (the `bench train` measurement: fastest of PEAK_REPS
+    PEAK_N^3 matmuls in the model's compute dtype on the first device)."""
+    if cfg.train.peak_flops:
+        return float(cfg.train.peak_flops), "train.peak_flops"
+    from mirage_jax.bench import PEAK_N, matmul_rate  # here: bench imports this module
+
+    n = PEAK_N
+    rate = matmul_rate(n, n, n, DTYPES[cfg.model.dtype], reps=PEAK_REPS)
+    return rate, f"{n}^3 {cfg.model.dtype} matmul, fastest of {PEAK_REPS}"
+
+
+def step_model_flops(cfg, setup, abstract) -> tuple[float | None, str]:
+    """Model FLOPs of one step, all devices, as `mirage-jax bench train` and `plan` count them
+    (`plan.model_flops`: matmuls and convolutions from the step's jaxpr, scan bodies times
+    their length, no recomputation; XLA's `cost_analysis()` counts a scanned layer once).
+    (None, why) where they cannot be counted: the loop then logs no MFU."""
+    try:
+        flops = model_flops(cfg, setup, abstract)[1]
+    except Exception as e:  # noqa: BLE001 - a metric only: training goes on without it
+        return None, f"{type(e).__name__}: {e}"
+    if not flops > 0:
+        return None, "the step has no matmul or convolution"
+    return flops, ""
 
 
 def use_compile_cache(cfg) -> str | None:
@@ -197,7 +217,7 @@ class Metrics:
         self.active = jax.process_index() == 0
         if self.active:
             self.tb = SummaryWriter(str(workdir / "tb"))
-            self.lines = open(workdir / "metrics.jsonl", "a")
+            self.lines = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
             self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def step(self, step: int, values: dict, log_now: bool):
@@ -227,6 +247,7 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cache = use_compile_cache(cfg)
+    peak, peak_from = peak_flops(cfg)  # before the data pipeline's threads start
     mesh = sharding.make_mesh(cfg.mesh, devices)
     setup = state_lib.setup(cfg, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.train.ckpt_every, cfg.train.keep,
@@ -257,19 +278,24 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
         abstract["ref"] = jax.ShapeDtypeStruct((cfg.data.global_batch, h, w, c), jnp.float32)
     t0 = time.perf_counter()
     step_fn = compile_step(cfg, setup, abstract)
-    flops = float(step_fn.cost_analysis().get("flops", 0.0))
+    compile_s = time.perf_counter() - t0
     mem = step_fn.memory_analysis()
-    peak = cfg.train.peak_flops or measure_peak_flops()
+    xla_flops = float(step_fn.cost_analysis().get("flops", 0.0))  # per device, scan bodies once
     log.info(
-        "compiled step in %.1fs (cache %s): %.3g FLOPs/device/step, temp %.1f MiB, "
-        "args %.1f MiB; peak %.3g FLOP/s/device",
-        time.perf_counter() - t0,
-        cache or "off",
-        flops,
-        mem.temp_size_in_bytes / 2**20,
-        mem.argument_size_in_bytes / 2**20,
-        peak,
+        "compiled step in %.1fs (cache %s): temp %.1f MiB, args %.1f MiB per device; "
+        "XLA cost analysis %.3g FLOPs/device (a scanned layer counted once: not used for MFU)",
+        compile_s, cache or "off", mem.temp_size_in_bytes / 2**20,
+        mem.argument_size_in_bytes / 2**20, xla_flops,
     )
+    t0 = time.perf_counter()
+    flops, why = step_model_flops(cfg, setup, abstract)
+    device_flops = None if flops is None else flops / mesh.size  # the MFU numerator, per step
+    if flops is None:
+        log.warning("no MFU: the step's model FLOPs could not be counted (%s)", why)
+    else:
+        log.info("model FLOPs %.3g/step, %.3g/device (plan.model_flops, as bench train counts "
+                 "them; %.1fs); MFU against %.3g FLOP/s/device (%s)", flops, device_flops,
+                 time.perf_counter() - t0, peak, peak_from)
     n_params = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
     log.info("%s parameters; mesh %s", f"{n_params:,}", dict(mesh.shape))
     if cfg.task == "dit":
@@ -289,7 +315,7 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
     bad, stop, stopped, step = BadSteps(cfg, ids), StopRequest(), None, start - 1
 
     def emit(pending):
-        values = _emit(metrics, pending, cfg, flops, peak, tokens, window)
+        values = _emit(metrics, pending, cfg, device_flops, peak, tokens, window)
         losses.append(float(values["loss"]))
         bad.check(pending[0] + 1, values)
 
@@ -334,18 +360,24 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
         "start": start,
         "losses": losses,
         "params": n_params,
-        "flops_per_step": flops,
+        "flops_per_step": flops,  # model FLOPs, all devices (None: not countable, no MFU)
+        "flops_per_device": device_flops,
+        "xla_cost_flops": xla_flops,  # per device, XLA's count (scan bodies once)
+        "peak_flops": peak,  # per device
         "state": state,
     }
 
 
 def _emit(metrics, pending, cfg, flops, peak, tokens, window):
-    """Logs one step's metrics; speed is averaged over the steps since the last log line."""
+    """Logs one step's metrics; speed is averaged over the steps since the last log line.
+    MFU: `flops` (model FLOPs per device and step; None: no MFU) * steps/s / `peak`."""
     step, out = pending
     values = jax.device_get(out)
     window["steps"] += 1
     dt = max(time.perf_counter() - window["t0"], 1e-9) / window["steps"]
-    values.update(steps_per_s=1.0 / dt, tokens_per_s=tokens / dt, mfu=flops / dt / peak)
+    values.update(steps_per_s=1.0 / dt, tokens_per_s=tokens / dt)
+    if flops is not None:
+        values["mfu"] = flops / dt / peak
     log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
     metrics.step(step + 1, values, log_now)
     if log_now:
