@@ -92,12 +92,13 @@ def reference_image(path, height: int, width: int) -> np.ndarray:
 
 
 class Generator:
-    """A trained DiT run (EMA weights), and the VAE it was trained on when it uses latents."""
+    """A trained DiT run (its latest EMA weights unless `step`, `weights` say otherwise), and
+    the VAE it was trained on when it uses latents."""
 
-    def __init__(self, run_dir, mesh=None):
+    def __init__(self, run_dir, mesh=None, step: int | None = None, weights: str = "ema"):
         mesh = mesh or sharding.data_mesh()
-        run = load_run(run_dir, mesh, "ema")
-        self.cfg, self.mesh = run["cfg"], mesh
+        run = load_run(run_dir, mesh, weights, step)
+        self.cfg, self.mesh, self.run_dir, self.step = run["cfg"], mesh, run_dir, run["step"]
         if self.cfg.task != "dit":
             raise GenerationError(f"{run['where']} is a '{self.cfg.task}' checkpoint, not a DiT")
         missing = [k for k in ("audio_in", "video_in", "video_out") if k not in run["params"]]
@@ -115,6 +116,12 @@ class Generator:
             self.codec = Codec(self.cfg.vae_checkpoint, mesh)
             self.codec.check(self.cfg)
         self._sample = jax.jit(self._sample_fn, static_argnames=("settings", "progress"))
+
+    def restore(self, step: int, weights: str = "ema") -> None:
+        """Another checkpoint of the same run, reusing the compiled sampler (the weights
+        are an argument of it, so nothing recompiles)."""
+        self.params = load_run(self.run_dir, self.mesh, weights, step)["params"]
+        self.step = step
 
     # -- geometry: a 'unit' is a video frame (pixels) or a latent frame
     @property
