@@ -75,10 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
         audio=True,  # False: a silent model (no audio stream, tokens or head; text/ref -> video)
         ref=True,  # False: no reference-image tokens
         # Groups stitched into a trained model (e.g. ('audio',) or ('ref',)): their keys get a
-        # learned per-head logit offset starting at stitch_offset (softmax weight ~1e-13), and
+        # learned per-head logit offset starting at stitch_offset (softmax weight ~5e-5), and
         # their own parameters are the "new" ones that train.warmup_new_steps trains first.
+        # The offsets' AdamW steps are stitch_offset_lr times the learning rate: at lr 1e-3
+        # an offset moves at most ~1e-3 a step, so from -30 (the first choice) it had moved
+        # 0.35 after 2,000 steps, all weight decay (its gradient, ~e^-30, is below Adam's
+        # eps): the old streams never saw the new one (README, the stitching experiment).
         stitch=(),
-        stitch_offset=-30.0,
+        stitch_offset=-10.0,
+        stitch_offset_lr=30.0,
     )
 
     c.data = dict(

@@ -183,13 +183,18 @@ def run(workdir, data_dir, config=REPO / "configs" / "latent_demo.py", steps: in
     ceilings = {"real": measure(measure.clips["video"])}
     curves = {}
     for name, offset in (("scratch", 0), ("stitched", steps // 2)):
+        done_file = workdir / name / "eval.json"  # resumable: evaluated steps are kept
+        done = json.loads(done_file.read_text()) if done_file.exists() else {}
         points, gen = [], None
         for step in checkpoint_steps(workdir / name):
             if gen is None:
                 gen = generate.Generator(workdir / name, step=step, weights="params")
-            gen.restore(step, "params")
-            video = evaluate.generate_clips(gen, measure.clips, ids, settings, clips, False)
-            points.append({"step": step + offset, **measure(video)})
+            if str(step) not in done:
+                gen.restore(step, "params")
+                video = evaluate.generate_clips(gen, measure.clips, ids, settings, clips, False)
+                done[str(step)] = {"step": step + offset, **measure(video)}
+                done_file.write_text(json.dumps(done, indent=1))
+            points.append(done[str(step)])
             log.info("%s step %d: %s", name, step + offset, points[-1])
         curves[name] = {"eval": points, "train": losses(workdir / name, offset)}
         if gen.codec is not None and "reconstructed" not in ceilings:

@@ -70,7 +70,7 @@ def _stitch_difference(tmp_path, old_cfg, new_overrides, name):
     state, report = stitch.init_from(cfg, setup, state)
     velocity = jax.jit(lambda p: nnx.merge(setup.graphdef, p)(streams)["video"])
     out = {}
-    for offset in (-30.0, 0.0):  # the model's init (stitch_offset), and none as a control
+    for offset in (cfg.model.stitch_offset, 0.0):  # the model's init, and none as a control
         params = jax.tree_util.tree_map_with_path(
             lambda path, x, o=offset: jnp.full_like(x, o) if "key_offset" in str(path) else x,
             jax.device_get(state["params"]))
@@ -84,8 +84,8 @@ def test_audio_stitched_into_silent_model_is_step0_equivalent(tiny_cfg, tmp_path
         tmp_path, silent, ["config.model.audio=True", "config.model.stitch=('audio',)",
                            "config.model.attention=blockwise", "config.model.attention_block=8"],
         "silent")
-    print("step-0 relative RMS difference (offset -30, offset 0):", diff)
-    assert diff[-30.0] < 1e-3, diff
+    print("step-0 relative RMS difference (stitch_offset, offset 0):", diff)
+    assert diff[silent.model.stitch_offset] < 1e-3, diff
     assert diff[0.0] > 1e-2, diff  # without the offset the audio keys do change the video
     assert report["new"] and all("audio" in k for k in report["new"]) and not report["ignored"]
     assert "blocks/audio_key_offset" in report["new"] and "audio_in/kernel" in report["new"]
@@ -95,9 +95,9 @@ def test_ref_stitched_into_audio_model_is_step0_equivalent(tiny_cfg, tmp_path):
     no_ref = config.apply_overrides(tiny_cfg, ["config.model.ref=False"])
     diff, report = _stitch_difference(
         tmp_path, no_ref, ["config.model.ref=True", "config.model.stitch=('ref',)"], "no_ref")
-    print("ref step-0 relative RMS difference (offset -30, offset 0):", diff)
+    print("ref step-0 relative RMS difference (stitch_offset, offset 0):", diff)
     assert report["new"] == ["blocks/ref_key_offset"] and not report["ignored"]
-    assert diff[-30.0] < 1e-3 and diff[0.0] > 1e-2, diff
+    assert diff[no_ref.model.stitch_offset] < 1e-3 and diff[0.0] > 1e-2, diff
 
 
 def test_restore_report_extra_missing_and_sharded(tiny_cfg, tmp_path):
@@ -184,6 +184,10 @@ def test_warmup_freezes_old_parameters_then_trains_all_and_resumes(tiny_cfg, tmp
             continue
         for i in range(3):  # and leaves the old ones bit-identical
             np.testing.assert_array_equal(snaps[i][k], v, err_msg=k)
+    # The key offsets step model.stitch_offset_lr times further than AdamW's ~lr a step
+    # (the second warm-up step is the first at lr > 0): from stitch_offset they can open.
+    opened = snaps[2]["blocks/audio_key_offset"] - start["blocks/audio_key_offset"]
+    assert np.all(np.abs(opened) > 0.5 * cfg.model.stitch_offset_lr * cfg.optim.lr), opened
     moved = [k for k in start if k not in new and not np.array_equal(snaps[4][k], start[k])]
     assert len(moved) > 0.9 * (len(start) - len(new)), "after the warm-up everything trains"
 

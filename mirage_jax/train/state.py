@@ -34,6 +34,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
             optax.clip_by_global_norm(o.clip_norm),
             optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                         mu_dtype=jnp.float32),
+            *([_scale_key_offsets(cfg.model.stitch_offset_lr)] if cfg.model.stitch else []),
         )
 
     if cfg.train.warmup_new_steps:  # stitching: new parameters first, then all (stitch.py)
@@ -48,6 +49,18 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         end_value=o.lr * o.end_lr_ratio,
     )
     return adamw(schedule), schedule
+
+
+def _scale_key_offsets(factor: float) -> optax.GradientTransformation:
+    """Stitched key offsets (`*_key_offset`) step `factor` times further: they start at
+    model.stitch_offset and must climb to ~0 for the old streams to attend the new one."""
+    def scale(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u * factor if str(getattr(path[-1], "key", path[-1])).endswith("_key_offset") else u,
+            updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), scale)
 
 
 @dataclasses.dataclass

@@ -10,7 +10,8 @@ what the old one did, train alone for a while, then everything trains together.
   step 0          adaLN-Zero gates and the output head start at zero, so the new stream writes
                   nothing into its own tokens' outputs; the old streams see its tokens only as
                   keys of the joint attention, and those carry a learned per-head logit offset
-                  starting at `model.stitch_offset` (-30: softmax weight ~1e-13 per key)
+                  starting at `model.stitch_offset` (-10: softmax weight ~5e-5 per key), stepping
+                  `model.stitch_offset_lr` times the learning rate
   init_from       every parameter whose path and shape match is read from the checkpoint,
                   straight into the target shardings; the rest keep their fresh init
   warm-up         `train.warmup_new_steps` steps of AdamW on the new parameters only (optax
