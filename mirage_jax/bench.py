@@ -11,7 +11,7 @@ would only split the same cores); PyTorch gets as many threads. The parameters a
 (at the adaLN-Zero init the step would be trivial), converted to PyTorch by the export path;
 PyTorch takes the JAX step's flow inputs (noised streams, targets, weights), and its step-0
 loss must equal JAX's (rel. 1e-4) or the bench fails. FLOPs are model FLOPs counted from
-the step's jaxpr (`plan.model_flops`): XLA's `cost_analysis()` counts a scanned layer once.
+the step's jaxpr (`plan.model_step_flops`): XLA's `cost_analysis()` counts a scanned layer once.
 """
 from __future__ import annotations
 
@@ -279,12 +279,12 @@ def _jax_side(cfg, batch: dict, peak_n: int):
          "peak_start": matmul_rate(peak_n, peak_n, peak_n, dtype),
          "model_matmul": "x".join(map(str, mm)),
          "model_matmul_flops_per_s": matmul_rate(*mm, dtype)}
-    from mirage_jax.plan import model_flops
+    from mirage_jax.plan import model_step_flops
 
     t0 = time.perf_counter()
     step_fn = compile_step(cfg, setup, abstract)
     r["jax_compile_s"] = time.perf_counter() - t0
-    r["flops_per_step"] = model_flops(cfg, setup, abstract)[1]
+    r["flops_per_step"] = model_step_flops(cfg, setup, abstract)
     r["xla_cost_flops"] = float(step_fn.cost_analysis().get("flops", 0.0))
     state = state_lib.init_state(cfg, setup)
     state["params"] = random_params(setup)

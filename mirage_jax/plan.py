@@ -134,22 +134,36 @@ def _device_bytes(abstract, shardings) -> int:
 
 
 def model_flops(cfg, state, batch) -> tuple[float, float]:
-    """(FLOPs of the step as compiled; model FLOPs) per step, all devices. Model FLOPs leave
-    out recomputation: no remat, and the reference attention (traced only, never built),
-    whose backward is 2 matmuls to the blockwise backward's 5 (probabilities recomputed)."""
+    """(FLOPs of the step as compiled; model FLOPs) per step, all devices (`state`: the
+    Setup of `cfg`)."""
+    import jax
+
+    from mirage_jax.train.step import make_train_step
+
+    compiled = count_flops(jax.make_jaxpr(make_train_step(cfg, state))(state.abstract, batch))
+    return compiled, model_step_flops(cfg, state, batch, compiled)
+
+
+def model_step_flops(cfg, setup, batch, step_flops: float | None = None) -> float:
+    """Model FLOPs of one step, all devices: no recomputation, so no remat and the reference
+    attention (traced only, never built), whose backward is 2 matmuls to the blockwise
+    backward's 5 (probabilities recomputed). `step_flops`: the count of `cfg`'s own step,
+    which is the model's when it has no remat and the reference attention."""
     import jax
 
     from mirage_jax.train import state as state_lib
     from mirage_jax.train.step import make_train_step
 
-    out = []
-    for remat, attention in ((cfg.model.remat, cfg.model.attention), ("none", "xla")):
+    if (cfg.model.remat, cfg.model.attention) == ("none", "xla"):
+        if step_flops is not None:
+            return step_flops
+        c, s = cfg, setup
+    else:
         c = cfg.copy_and_resolve_references()
         with c.unlocked():
-            c.model.remat, c.model.attention = remat, attention
-        s = state_lib.setup(c, state.mesh)
-        out.append(count_flops(jax.make_jaxpr(make_train_step(c, s))(s.abstract, batch)))
-    return out[0], out[1]
+            c.model.remat, c.model.attention = "none", "xla"
+        s = state_lib.setup(c, setup.mesh)
+    return count_flops(jax.make_jaxpr(make_train_step(c, s))(s.abstract, batch))
 
 
 def plan(cfg, chips=tuple(CHIPS), step_time: float = 0.0) -> dict:

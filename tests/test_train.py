@@ -197,8 +197,9 @@ def test_loop_reads_metrics_one_step_late(tmp_path, tiny_cfg, monkeypatch):
 
 
 def test_loop_mfu_counts_every_scanned_layer(tmp_path, tiny_cfg):
-    """The loop's MFU takes its FLOPs from `plan.model_flops` (as `bench train` does), not
-    from XLA's cost analysis, which counts the scanned layers once; the peak is measured by
+    """The loop's MFU takes its FLOPs from the model FLOPs `plan.model_flops` counts (as
+    `bench train` does), not from XLA's cost analysis, which counts the scanned layers
+    once; the peak is measured by
     `bench.matmul_rate` where `train.peak_flops` is 0, and metrics.jsonl's `mfu` is model
     FLOPs per device x steps/s / peak."""
     from mirage_jax import plan
@@ -227,7 +228,7 @@ def test_loop_without_countable_flops_logs_no_mfu(tmp_path, tiny_cfg, monkeypatc
     def fail(*args):
         raise NotImplementedError("no FLOP rule for this step")
 
-    monkeypatch.setattr(loop, "model_flops", fail)
+    monkeypatch.setattr(loop, "model_step_flops", fail)
     cfg = config.apply_overrides(tiny_cfg, ["--config.train.steps=4", "--config.train.ckpt_every=2",
                                             "--config.train.peak_flops=1e12"])
     with caplog.at_level("WARNING", logger="mirage_jax"):

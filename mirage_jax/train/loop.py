@@ -33,10 +33,10 @@ from mirage_jax.data.pipeline import GrainSource
 from mirage_jax.latents import Codec, report_batches, vae_report
 from mirage_jax.model.dit import DTYPES
 from mirage_jax.model.tokens import audio_frames, video_shape, video_tokens_per_second
-from mirage_jax.plan import model_flops
+from mirage_jax.plan import count_flops, model_step_flops
 from mirage_jax.train import state as state_lib
 from mirage_jax.train.checkpoint import Checkpointer, CheckpointSaveError  # noqa: F401
-from mirage_jax.train.step import MODEL_KEYS, compile_step
+from mirage_jax.train.step import MODEL_KEYS, compile_step, trace_step
 
 log = logging.getLogger("mirage_jax")
 
@@ -57,13 +57,14 @@ def peak_flops(cfg) -> tuple[float, str]:
     return rate, f"{n}^3 {cfg.model.dtype} matmul, fastest of {PEAK_REPS}"
 
 
-def step_model_flops(cfg, setup, abstract) -> tuple[float | None, str]:
+def step_model_flops(cfg, setup, abstract, traced) -> tuple[float | None, str]:
     """Model FLOPs of one step, all devices, as `mirage-jax bench train` and `plan` count them
-    (`plan.model_flops`: matmuls and convolutions from the step's jaxpr, scan bodies times
-    their length, no recomputation; XLA's `cost_analysis()` counts a scanned layer once).
+    (`plan.model_step_flops`: matmuls and convolutions from the step's jaxpr, scan bodies
+    times their length, no recomputation; XLA's `cost_analysis()` counts a scanned layer
+    once), from the `traced` step itself unless it recomputes (remat, blockwise attention).
     (None, why) where they cannot be counted: the loop then logs no MFU."""
     try:
-        flops = model_flops(cfg, setup, abstract)[1]
+        flops = model_step_flops(cfg, setup, abstract, count_flops(traced.jaxpr))
     except Exception as e:  # noqa: BLE001 - a metric only: training goes on without it
         return None, f"{type(e).__name__}: {e}"
     if not flops > 0:
@@ -277,7 +278,8 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
         abstract["video"] = jax.ShapeDtypeStruct((cfg.data.global_batch, t, h, w, c), jnp.float32)
         abstract["ref"] = jax.ShapeDtypeStruct((cfg.data.global_batch, h, w, c), jnp.float32)
     t0 = time.perf_counter()
-    step_fn = compile_step(cfg, setup, abstract)
+    traced = trace_step(cfg, setup, abstract)
+    step_fn = compile_step(cfg, setup, abstract, traced)
     compile_s = time.perf_counter() - t0
     mem = step_fn.memory_analysis()
     xla_flops = float(step_fn.cost_analysis().get("flops", 0.0))  # per device, scan bodies once
@@ -288,12 +290,12 @@ def train(cfg, workdir, resume: bool = False, devices=None) -> dict:
         mem.argument_size_in_bytes / 2**20, xla_flops,
     )
     t0 = time.perf_counter()
-    flops, why = step_model_flops(cfg, setup, abstract)
+    flops, why = step_model_flops(cfg, setup, abstract, traced)
     device_flops = None if flops is None else flops / mesh.size  # the MFU numerator, per step
     if flops is None:
         log.warning("no MFU: the step's model FLOPs could not be counted (%s)", why)
     else:
-        log.info("model FLOPs %.3g/step, %.3g/device (plan.model_flops, as bench train counts "
+        log.info("model FLOPs %.3g/step, %.3g/device (plan.model_step_flops, as bench train counts "
                  "them; %.1fs); MFU against %.3g FLOP/s/device (%s)", flops, device_flops,
                  time.perf_counter() - t0, peak, peak_from)
     n_params = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))

@@ -105,8 +105,15 @@ def make_train_step(cfg, s):
     return train_step
 
 
-def compile_step(cfg, s, batch_abstract: dict):
-    """AOT-compiled step: jit with explicit shardings, donated state."""
+def compile_step(cfg, s, batch_abstract: dict, traced=None):
+    """AOT-compiled step: jit with explicit shardings, donated state. `traced`: the step as
+    `trace_step` traced it, when the caller has it (its jaxpr also gives the FLOP count)."""
+    with jax.set_mesh(s.mesh):
+        return (traced or trace_step(cfg, s, batch_abstract)).lower().compile()
+
+
+def trace_step(cfg, s, batch_abstract: dict):
+    """The jitted step traced on abstract inputs (`jax.stages.Traced`: `.jaxpr`, `.lower()`)."""
     shard = sharding.batch_sharding(s.mesh, cfg.sharding_rules)
     batch_sh = {k: shard for k in batch_abstract}
     jitted = jax.jit(
@@ -120,4 +127,4 @@ def compile_step(cfg, s, batch_abstract: dict):
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard)
             for k, v in batch_abstract.items()
         }
-        return jitted.lower(s.abstract, abstract_batch).compile()
+        return jitted.trace(s.abstract, abstract_batch)
