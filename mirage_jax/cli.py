@@ -21,12 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pathlib
 import sys
 
 from mirage_jax import config as config_lib
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -430,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("stitch-experiment",
                        help="audio model from scratch vs stitched into a silent model")
     p.add_argument("--workdir", default="stitch_out")
-    p.add_argument("--config", default=str(REPO / "configs" / "latent_demo.py"),
-                   help="the audio DiT config (its silent twin: model.audio=False)")
+    p.add_argument("--config", help="the audio DiT config (default configs/latent_demo.py; "
+                   "its silent twin: model.audio=False)")
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", default="data_dir",
                    help="the pixel corpus (a latent config's cache is encoded from it)")
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps per arm")

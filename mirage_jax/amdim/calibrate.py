@@ -33,8 +33,8 @@ from mirage_jax.data.visemes import NUM_VISEMES
 def load_clips(dataset: str, data_dir: str, split: str, max_clips: int = 0,
                indices=None) -> dict:
     """Whole clips of a synthetic_aroll split (the first `max_clips`, all, or those at
-    `indices`): video uint8 [N, T, H, W, 3], audio waveforms [N, S], visemes [N, T],
-    captions [N]."""
+    `indices`): video uint8 [N, T, H, W, 3], audio waveforms [N, S], visemes [N, T], true
+    mouth opening [N, T], speaker ids [N], captions [N]."""
     import tensorflow_datasets as tfds
 
     source = tfds.data_source(dataset, data_dir=data_dir)[split]
@@ -45,6 +45,8 @@ def load_clips(dataset: str, data_dir: str, split: str, max_clips: int = 0,
     return {"video": np.stack([r["video"] for r in recs]),
             "audio": np.stack([np.asarray(r["audio"], np.float32) for r in recs]),
             "viseme": np.stack([np.asarray(r["viseme"], np.int32) for r in recs]),
+            "mouth_open": np.stack([np.asarray(r["mouth_open"], np.float64) for r in recs]),
+            "speaker_id": np.array([int(r["speaker_id"]) for r in recs], np.int32),
             "caption": [text(r["caption"]) for r in recs]}
 
 

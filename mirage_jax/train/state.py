@@ -21,6 +21,7 @@ from mirage_jax.amdim.model import AMDIM
 from mirage_jax.amdim.sync import SyncJudge
 from mirage_jax.model.dit import DiT
 from mirage_jax.model.vae import VAE
+from mirage_jax.train.checkpoint import _key
 
 MODELS = {"dit": DiT, "vae": VAE, "amdim": AMDIM, "sync": SyncJudge}
 
@@ -56,9 +57,9 @@ def _scale_key_offsets(factor: float) -> optax.GradientTransformation:
     model.stitch_offset and must climb to ~0 for the old streams to attend the new one."""
     def scale(updates, state, params=None):
         del params
+        offset = lambda path: _key(path[-1]).endswith("_key_offset")  # noqa: E731
         return jax.tree_util.tree_map_with_path(
-            lambda path, u: u * factor if str(getattr(path[-1], "key", path[-1])).endswith("_key_offset") else u,
-            updates), state
+            lambda path, u: u * factor if offset(path) else u, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), scale)
 
