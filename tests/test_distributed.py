@@ -39,7 +39,8 @@ def test_two_processes_match_one_through_a_resume(tmp_path, tiny_cfg, corpus_dir
 
     args = [*ARGS, f"--config.data.data_dir={corpus_dir}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # 2 x 4 = the same 8 devices
+    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "  # 2 x 4 = the same 8 devices
+                        "--xla_backend_optimization_level=0")
     env["BIN"] = f"{sys.executable} -m mirage_jax.cli"
     run = tmp_path / "two"
 
