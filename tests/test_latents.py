@@ -45,6 +45,9 @@ def test_vae_checkpoints_store_latent_stats_that_normalise(vae_run):
         assert len(stats["mean"]) == len(stats["std"]) == 4
         assert min(stats["std"]) > 0 and np.isfinite(stats["psnr_test"])
         assert np.isfinite(stats["psnr_mouth_test"]) and stats["test_clips"] == 8
+        # the whole mouth's error is the frame-weighted mix of the first frame's and the rest's
+        low, high = sorted((stats["psnr_mouth_first_test"], stats["psnr_mouth_rest_test"]))
+        assert low - 1e-6 <= stats["psnr_mouth_test"] <= high + 1e-6
     ckpt.close()
     # The stored statistics really whiten the latents of the batches they were measured on.
     codec = Codec(workdir)

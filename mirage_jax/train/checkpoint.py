@@ -26,13 +26,14 @@ SLICE_BYTES = 4 << 20
 
 
 def _register_array_handler() -> None:
+    # Orbax's defaults otherwise (its public register_type_handler warns on every import).
     from orbax.checkpoint._src.metadata import array_metadata_store
+    from orbax.checkpoint._src.serialization import type_handler_registry
 
-    ocp.type_handlers.register_type_handler(
-        jax.Array,
-        ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=SLICE_BYTES,
-                                       array_metadata_store=array_metadata_store.Store()),
-        override=True)
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=SLICE_BYTES,
+                                             array_metadata_store=array_metadata_store.Store())
+    type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, handler, override=True,
+                                                           ignore_warnings=True)
 
 
 _register_array_handler()

@@ -131,8 +131,9 @@ def vae_checkpoint_report(cfg, setup, state, batches, log) -> dict:
     model = nnx.merge(setup.graphdef, state["ema"])
     report = vae_report(cfg, model, batches)
     log.info(
-        "step %d: held-out PSNR %.2f dB, mouth %.2f dB; latent std %s (%.1fs)",
-        int(state["step"]), report["psnr_test"], report["psnr_mouth_test"],
+        "step %d: held-out PSNR %.2f dB, mouth %.2f dB (first frame %.2f, the rest %.2f); "
+        "latent std %s (%.1fs)", int(state["step"]), report["psnr_test"],
+        report["psnr_mouth_test"], report["psnr_mouth_first_test"], report["psnr_mouth_rest_test"],
         np.round(report["std"], 3).tolist(), time.perf_counter() - t0,
     )
     return report
