@@ -3,11 +3,17 @@
 import os
 import tempfile
 
-# 8 fake CPU devices; LLVM optimisation off halves compile time, which dominates these tests.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+# LLVM optimisation off halves compile time, which dominates these tests.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test's subprocess: `devices` fake CPU devices, the suite's compile level."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
+# 8 fake CPU devices in the test process.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session and the subprocesses it starts: a resumed
 # run then reuses the executable of the run it resumes instead of compiling it again.

@@ -10,7 +10,7 @@ import numpy as np
 from mirage_jax import config
 from mirage_jax.data.pipeline import GrainSource
 from mirage_jax.train.step import MODEL_KEYS
-from conftest import REPO
+from conftest import REPO, xla_flags
 from test_train import losses_for
 
 ARGS = ["--config", str(REPO / "configs/tiny.py"), "--config.train.steps=4",
@@ -39,8 +39,7 @@ def test_two_processes_match_one_through_a_resume(tmp_path, tiny_cfg, corpus_dir
 
     args = [*ARGS, f"--config.data.data_dir={corpus_dir}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "  # 2 x 4 = the same 8 devices
-                        "--xla_backend_optimization_level=0")
+    env["XLA_FLAGS"] = xla_flags(4)  # 2 x 4 = the same 8 devices
     env["BIN"] = f"{sys.executable} -m mirage_jax.cli"
     run = tmp_path / "two"
 

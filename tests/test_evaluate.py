@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 from mirage_jax import cli, config, evaluate
 from mirage_jax.train import loop
@@ -90,8 +90,7 @@ def test_two_processes_match_one(one_process, runs, corpus_dir):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-               "--xla_backend_optimization_level=0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cache hit on one process only hangs gloo
     procs = [subprocess.Popen(
         [sys.executable, "-m", "mirage_jax.cli", *_args(runs, corpus_dir, out), "--coordinator",

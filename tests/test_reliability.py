@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import soundfile as sf
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 from mirage_jax import cli, config, sharding
 from mirage_jax.data.pipeline import GrainSource
@@ -67,8 +67,7 @@ class Zygote:
     """Starts `mirage-jax train` children and reaps them (they are its children, not ours)."""
 
     def __init__(self, data_dir):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                                         "--xla_backend_optimization_level=0")
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1))
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
         self.args = ["train", "--config", str(TINY), f"--config.train.steps={STEPS}",
