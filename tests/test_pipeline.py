@@ -71,6 +71,26 @@ def test_log_mel_click_lands_in_its_frame():
                 assert int(np.argmax(feats.sum(1))) == k - offset, (offset, k, within)
 
 
+def test_log_mel_equals_librosa():
+    """The in-house STFT and mel bank are librosa's (periodic Hann, no centring, Slaney)."""
+    import librosa
+
+    for n_mels in (32, 80):
+        np.testing.assert_allclose(
+            pipeline.mel_bank(n_mels),
+            librosa.filters.mel(sr=pipeline.SAMPLE_RATE, n_fft=pipeline.N_FFT, n_mels=n_mels),
+            rtol=0, atol=1e-8)
+    audio = np.random.default_rng(0).normal(0.0, 0.1, 30 * pipeline.HOP).astype(np.float32)
+    start, frames, hop = 3, 17, pipeline.HOP
+    y = audio[start * hop - hop // 2:(start + frames) * hop + hop // 2]
+    spec = librosa.stft(y, n_fft=pipeline.N_FFT, hop_length=hop, window="hann", center=False)
+    mel = librosa.filters.mel(sr=pipeline.SAMPLE_RATE, n_fft=pipeline.N_FFT, n_mels=40)
+    want = ((np.log(mel @ np.abs(spec) ** 2 + pipeline.LOG_FLOOR) + 5.0) / 4.0).T
+    got = pipeline.log_mel(audio, start, frames, 40)
+    assert got.shape == (frames, 40)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 def test_audio_follows_the_mouth(data_dir):
     """Mel energy tracks mouth opening best at lag 0 (+-1 frame), not 2-3 frames off."""
     b = next(pipeline.GrainSource(make_cfg(data_dir, global_batch=16, frames=20)))

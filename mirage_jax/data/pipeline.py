@@ -17,7 +17,6 @@ import time
 
 import grain.python as grain
 import jax
-import librosa
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
@@ -32,9 +31,34 @@ LOG_FLOOR = 1e-5
 SILENCE = (np.log(LOG_FLOOR) + 5.0) / 4.0  # `log_mel` of silence
 
 
+def _hz_to_mel(f):
+    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, np.float64)
+    log = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(f >= 1000.0, log, f / (200.0 / 3.0))
+
+
+def _mel_to_hz(m):
+    m = np.asarray(m, np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), m * 200.0 / 3.0)
+
+
 @functools.lru_cache(maxsize=8)
-def _mel_bank(n_mels: int) -> np.ndarray:
-    return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels).astype(np.float32)
+def mel_bank(n_mels: int) -> np.ndarray:
+    """[n_mels, N_FFT // 2 + 1] triangular filters, Slaney mel scale and area normalisation:
+    `librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels)` (a test checks), built
+    here because importing librosa's filters and spectrum modules costs every training
+    process about 5 s."""
+    edges = _mel_to_hz(np.linspace(0.0, _hz_to_mel(SAMPLE_RATE / 2), n_mels + 2))
+    ramps = edges[:, None] - np.fft.rfftfreq(N_FFT, 1.0 / SAMPLE_RATE)[None, :]
+    width = np.diff(edges)
+    rise, fall = -ramps[:-2] / width[:-1, None], ramps[2:] / width[1:, None]
+    bank = np.maximum(0.0, np.minimum(rise, fall)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return bank.astype(np.float32)
+
+
+# Periodic Hann (librosa's and scipy's `get_window("hann", N_FFT)`), as the STFT uses.
+_WINDOW = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
 def log_mel(audio: np.ndarray, start: int, frames: int, n_mels: int) -> np.ndarray:
@@ -51,9 +75,10 @@ def log_mel(audio: np.ndarray, start: int, frames: int, n_mels: int) -> np.ndarr
     a, b = max(lo, 0), min(hi, len(audio))
     if b > a:
         y[a - lo : b - lo] = audio[a:b]
-    spec = librosa.stft(y, n_fft=N_FFT, hop_length=HOP, window="hann", center=False)
-    mel = _mel_bank(n_mels) @ (np.abs(spec) ** 2)  # [n_mels, frames]
-    return ((np.log(mel + LOG_FLOOR) + 5.0) / 4.0).T.astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(y, N_FFT)[::HOP]  # [frames, N_FFT]
+    power = np.abs(np.fft.rfft(windows * _WINDOW, axis=-1)) ** 2  # an STFT without centring
+    mel = power.astype(np.float32) @ mel_bank(n_mels).T  # [frames, n_mels]
+    return ((np.log(mel + LOG_FLOOR) + 5.0) / 4.0).astype(np.float32)
 
 
 class _Indexed(grain.RandomAccessDataSource):
