@@ -241,6 +241,9 @@ def test_ten_kill9_during_async_saves_end_with_the_uninterrupted_params(
                                                                                  one)
     assert step_a == step_b == STEPS
     assert_same_tree(a, b)
+    # A finished workdir is not silently trained again from scratch.
+    assert zygote.run(workdir, *args) == 2
+    assert "pass --resume" in (workdir / "log.txt").read_text().splitlines()[-1]
 
 
 # 3. non-finite loss or gradients ------------------------------------------------------------

@@ -1,10 +1,9 @@
-"""Training: one-batch overfit, mesh equivalence, sharded state, kill-and-resume."""
+"""Training: one-batch overfit, mesh equivalence, sharded state, the loop's metrics and
+compile cache. (Kill -9 and resume: tests/test_reliability.py.)"""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ def test_one_batch_overfit_drops_loss_10x(tiny_cfg):
         return optax.apply_updates(params, updates), opt, loss
 
     losses = []
-    for _ in range(100):
+    for _ in range(70):  # it passes 10x at about step 50
         params, opt, loss = step(params, opt)
         losses.append(float(loss))
     print("overfit", losses[::10])
@@ -132,34 +131,6 @@ def _loss_by_step(workdir):
         rec = json.loads(line)
         seen.setdefault(rec["step"], []).append(rec["loss"])
     return seen
-
-
-def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, corpus_dir):
-    _run(tmp_path / "straight", corpus_dir)
-    straight = _loss_by_step(tmp_path / "straight")
-    assert sorted(straight) == list(range(1, 17))
-
-    killed = tmp_path / "killed"
-    proc = _run(killed, corpus_dir, wait=False)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "8").is_dir():  # orbax renames a step dir when complete
-        assert proc.poll() is None and time.time() < deadline, "run ended before step 8 was saved"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "checkpoints" / "16").exists()
-    _run(killed, corpus_dir, "--resume")
-    resumed = _loss_by_step(killed)
-    assert sorted(resumed) == list(range(1, 17))
-    for step, losses in resumed.items():
-        for loss in losses:  # bitwise: floats compared exactly
-            assert loss == straight[step][0], (step, loss, straight[step][0])
-    assert any(len(v) == 2 for v in resumed.values())  # some steps really ran twice
-    # A finished workdir is not silently retrained from scratch.
-    proc = _run(killed, corpus_dir, wait=False)
-    out = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == 2 and "pass --resume" in out
 
 
 def test_loop_reads_metrics_one_step_late(tmp_path, tiny_cfg, monkeypatch):
