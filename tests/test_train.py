@@ -101,38 +101,6 @@ def test_fsdp_shards_nearly_all_parameter_bytes():
     assert any(s.spec != jax.sharding.PartitionSpec() for s in opt_leaves)  # moments follow params
 
 
-def _run(workdir, data_dir, *extra, wait=True):
-    cmd = [
-        sys.executable,
-        "-m",
-        "mirage_jax.cli",
-        "train",
-        "--config",
-        str(REPO / "configs/tiny.py"),
-        "--workdir",
-        str(workdir),
-        "--config.train.steps=16",
-        "--config.train.ckpt_every=4",
-        "--config.train.keep=2",
-        f"--config.data.data_dir={data_dir}",
-        *extra,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
-    if wait:
-        out = proc.communicate(timeout=300)[0].decode()
-        assert proc.returncode == 0, out
-    return proc
-
-
-def _loss_by_step(workdir):
-    """step -> every loss logged for it (a killed run and its resume may both log a step)."""
-    seen = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        seen.setdefault(rec["step"], []).append(rec["loss"])
-    return seen
-
-
 def test_loop_reads_metrics_one_step_late(tmp_path, tiny_cfg, monkeypatch):
     """No host sync in the loop: the metrics of step k are read only after step k+1 has been
     dispatched, so the host never waits for the device between steps. (A transfer guard
