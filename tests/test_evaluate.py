@@ -1,4 +1,4 @@
-"""`mirage-jax evaluate`: a tiny DiT and a tiny sync judge trained on the tiny corpus,
+"""`mirage-jax evaluate`: a tiny DiT and a small sync judge trained on the tiny corpus,
 evaluated in one process (8 devices) and in two (4 devices each, jax.distributed over gloo)
 with the same numbers clip by clip."""
 
@@ -12,29 +12,22 @@ import numpy as np
 import pytest
 from conftest import REPO, xla_flags
 
-from mirage_jax import cli, config, evaluate
-from mirage_jax.train import loop
+from mirage_jax import cli, evaluate
 
 N = 8
 GROUPS = ("generated", "real", "shuffled_real", "shuffled_generated")  # a pixel DiT: no VAE
 
 
 @pytest.fixture(scope="module")
-def runs(corpus_dir, tmp_path_factory):
-    """A DiT (3 steps of configs/tiny.py) and a judge (10 steps) on 16x16 clips of 12 frames."""
-    base = tmp_path_factory.mktemp("evaluate")
-    loop.train(config.load(REPO / "configs" / "tiny.py",
-                           [f"data.data_dir={corpus_dir}", "train.steps=3"]), base / "dit")
-    loop.train(config.load(REPO / "configs" / "sync_demo.py", [
-        f"data.data_dir={corpus_dir}", "data.dataset=synthetic_aroll/tiny", "data.height=16",
-        "data.width=16", "data.frames=12", "data.audio_features=16", "sync.crop_size=16",
-        "sync.ndf=8", "sync.width=32", "sync.n_rkhs=32", "train.steps=10",
-        "train.ckpt_every=10", "train.log_every=5"]), base / "judge")
-    return base
+def runs(tiny_dit_run, sync_judge_run, tmp_path_factory):
+    """The DiT (3 steps of configs/tiny.py) and the judge (60 steps, on 16x16 clips of 12
+    frames) that conftest.py trains once for the session; outputs go to a directory here."""
+    return {"dit": tiny_dit_run, "judge": sync_judge_run[1],
+            "out": tmp_path_factory.mktemp("evaluate")}
 
 
 def _args(runs, corpus_dir, out):
-    return ["evaluate", "--checkpoint", str(runs / "dit"), "--judge", str(runs / "judge"),
+    return ["evaluate", "--checkpoint", str(runs["dit"]), "--judge", str(runs["judge"]),
             "--dataset", "synthetic_aroll/tiny", "--data_dir", str(corpus_dir),
             "--num_examples", str(N), "--steps", "2", "--batch", "8", "--probe-clips", "16",
             "--out", str(out)]
@@ -42,7 +35,7 @@ def _args(runs, corpus_dir, out):
 
 @pytest.fixture(scope="module")
 def one_process(runs, corpus_dir):
-    out = runs / "one"
+    out = runs["out"] / "one"
     assert cli.main(_args(runs, corpus_dir, out)) == 0
     return out, json.loads((out / "metrics.json").read_text())
 
@@ -86,7 +79,7 @@ def test_two_processes_match_one(one_process, runs, corpus_dir):
     """Each process generates and judges its half (4 clips on its 4 devices); process 0
     gathers: every clip once, with the numbers of the one-process run."""
     _, ref = one_process
-    out = runs / "two"
+    out = runs["out"] / "two"
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]

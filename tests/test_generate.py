@@ -3,20 +3,13 @@
 import av
 import numpy as np
 import pytest
-from conftest import REPO
 
-from mirage_jax import cli, config, generate, media
-from mirage_jax.train import loop
-
-TINY = REPO / "configs" / "tiny.py"
+from mirage_jax import cli, generate, media
 
 
 @pytest.fixture(scope="module")
-def dit_run(corpus_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("dit")
-    cfg = config.load(TINY, [f"data.data_dir={corpus_dir}", "train.steps=3"])
-    loop.train(cfg, workdir)
-    return workdir
+def dit_run(tiny_dit_run):
+    return tiny_dit_run  # conftest.py: 3 steps of configs/tiny.py, shared with evaluation
 
 
 @pytest.fixture(scope="module")

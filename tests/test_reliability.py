@@ -34,12 +34,13 @@ from mirage_jax.train import loop
 from mirage_jax.train import state as state_lib
 
 TINY = REPO / "configs" / "tiny.py"
-STEPS = 30  # the subprocess runs: tiny model, batch 2, one device
+STEPS = 20  # the subprocess runs: tiny model, batch 2, one device; ten kills take about 10 steps
 
 ZYGOTE = r"""
 import json, logging, os, sys
 import mirage_jax.cli as cli
 import mirage_jax.train.loop  # noqa: F401  (the slow imports, once)
+import tensorboardX  # noqa: F401  (imported by the loop's Metrics only when it starts)
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd[0] == "wait":
@@ -64,15 +65,19 @@ for line in sys.stdin:
 
 
 class Zygote:
-    """Starts `mirage-jax train` children and reaps them (they are its children, not ours)."""
+    """Starts `mirage-jax train` children and reaps them (they are its children, not ours).
+    The children share the persistent compilation cache `cache`, set by the config
+    (`train.compile_cache`), not by the suite's JAX_COMPILATION_CACHE_DIR."""
 
-    def __init__(self, data_dir):
-        env = dict(os.environ, XLA_FLAGS=xla_flags(1))
+    def __init__(self, data_dir, cache):
+        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+        env["XLA_FLAGS"] = xla_flags(1)
+        self.cache = cache
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
         self.args = ["train", "--config", str(TINY), f"--config.train.steps={STEPS}",
                      "--config.train.peak_flops=1e12", "--config.data.global_batch=2",
-                     f"--config.data.data_dir={data_dir}"]
+                     f"--config.data.data_dir={data_dir}", f"--config.train.compile_cache={cache}"]
 
     def _ask(self, cmd):
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -96,8 +101,8 @@ class Zygote:
 
 
 @pytest.fixture(scope="module")
-def zygote(corpus_dir):
-    z = Zygote(corpus_dir)
+def zygote(corpus_dir, tmp_path_factory):
+    z = Zygote(corpus_dir, tmp_path_factory.mktemp("xla_cache"))
     yield z
     z.close()
 
@@ -158,6 +163,11 @@ def small_cfg(corpus_dir, *extra):
 
 def test_sigterm_and_sigint_save_and_the_resumed_run_continues_the_losses(
         zygote, straight, tmp_path):
+    """...and the compiled step comes from the persistent cache (`train.compile_cache`): the
+    first run (`straight`, the zygote's first child) wrote it, and this new run and its two
+    resumes add nothing."""
+    cached = sorted(p.name for p in zygote.cache.iterdir())
+    assert cached and f"(cache {zygote.cache})" in (straight[0] / "log.txt").read_text()
     workdir = tmp_path / "run"
     args = ["--config.train.ckpt_every=100"]  # no regular save: the signal's save is the one
     stops = []
@@ -181,6 +191,8 @@ def test_sigterm_and_sigint_save_and_the_resumed_run_continues_the_losses(
     # of the uninterrupted run.
     assert [s for s, _ in logged] == list(range(1, STEPS + 1)), stops
     assert dict(logged) == straight[1]
+    assert (workdir / "log.txt").read_text().count(f"(cache {zygote.cache})") == 3
+    assert sorted(p.name for p in zygote.cache.iterdir()) == cached
 
 
 def test_preemption_sync_point_stops_multi_process_runs(monkeypatch):

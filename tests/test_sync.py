@@ -13,7 +13,6 @@ from mirage_jax import config
 from mirage_jax.amdim import metrics
 from mirage_jax.amdim.sync import candidates, sync_nce
 from mirage_jax.data.pipeline import HOP, SILENCE
-from mirage_jax.train import loop
 
 
 def _cfg(*overrides):
@@ -185,25 +184,12 @@ def test_config_checks():
         _cfg("data.video=latents", "vae_checkpoint=x")
 
 
-@pytest.fixture(scope="module")
-def sync_run(corpus_dir, tmp_path_factory):
-    """A small judge trained by the shared loop on the tiny corpus (12 frames of 16x16)."""
-    workdir = tmp_path_factory.mktemp("sync")
-    cfg = _cfg(f"data.data_dir={corpus_dir}", "data.dataset=synthetic_aroll/tiny",
-               "data.height=16", "data.width=16", "data.frames=12", "data.audio_features=16",
-               "data.global_batch=8", "sync.crop_size=16", "sync.ndf=8", "sync.width=32",
-               "sync.n_rkhs=32", "optim.lr=3e-3", "optim.warmup_steps=5", "train.steps=60",
-               "train.ckpt_every=60", "train.log_every=10")
-    summary = loop.train(cfg, workdir)
-    return cfg, workdir, summary
-
-
-def test_training_lowers_the_sync_loss(sync_run, corpus_dir):
-    cfg, workdir, summary = sync_run
-    losses = summary["losses"]
+def test_training_lowers_the_sync_loss(sync_judge_run, corpus_dir):
+    cfg, workdir = sync_judge_run  # conftest.py: trained by the shared loop, 60 steps
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
     assert len(losses) == cfg.train.steps and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, (losses[:5], losses[-5:])
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {"nce_v2a", "nce_a2v", "score_penalty", "top1_vs_shifted"} <= set(rows[-1])
 
     # The trained judge through the metrics: one clip of the test split, 12 frames.
@@ -218,10 +204,10 @@ def test_training_lowers_the_sync_loss(sync_run, corpus_dir):
     assert judge.frame_features(clips["video"]).shape == (2, 12, 32)
 
 
-def test_calibrate_cli_end_to_end(sync_run, corpus_dir, tmp_path):
+def test_calibrate_cli_end_to_end(sync_judge_run, corpus_dir, tmp_path):
     from mirage_jax import cli
 
-    _, workdir, _ = sync_run
+    _, workdir = sync_judge_run
     out = tmp_path / "calibration.json"
     assert cli.main(["sync-calibrate", "--checkpoint", str(workdir), "--data_dir",
                      str(corpus_dir), "--shifts=-4,5", "--train-clips", "10",

@@ -1,11 +1,14 @@
 """Causal video VAE: shapes, causality, exact temporal tiling, it learns, loss and metrics."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import OPTIMIZED
 from flax import nnx
 
 from mirage_jax.model import vae as V
@@ -174,7 +177,7 @@ def test_learns_to_reconstruct():
     opt = tx.init(params)
     before = float(V.psnr(model.decode(model.encode(data)[0]), data))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=OPTIMIZED)
     def step(params, opt, key):
         idx = jax.random.choice(key, len(data), (4,), replace=False)
         loss_fn = lambda p: V.vae_loss(nnx.merge(graphdef, p, rest), {"video": data[idx]}, key,

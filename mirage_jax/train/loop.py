@@ -26,7 +26,6 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache as cc
-from tensorboardX import SummaryWriter
 
 from mirage_jax import sharding
 from mirage_jax.data.pipeline import GrainSource
@@ -218,6 +217,10 @@ class Metrics:
     def __init__(self, workdir: pathlib.Path, start: int, total: int):
         self.active = jax.process_index() == 0
         if self.active:
+            # Imported here: tensorboardX imports torch when it is installed (2.2 s), which
+            # the other processes of a multi-host run need not pay.
+            from tensorboardX import SummaryWriter
+
             self.tb = SummaryWriter(str(workdir / "tb"))
             self.lines = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
             self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
