@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/mirage-jax demo --workdir demo_out
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests  # one test file per core
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests  # whole files, heaviest first (tests/conftest.py)
 
 clean:
 	rm -rf $(VENV) demo_out *.egg-info
