@@ -16,7 +16,7 @@ if tuple(int(x) for x in importlib.metadata.version("jaxlib").split(".")[:2]) <=
     FAST_COMPILE += " --xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false"
 
 
-# For a test that runs a step hundreds of times, level 0's slower code costs more than its
+# For a test that runs one step 70-250 times, level 0's slower code costs more than its
 # faster compile saves: such a test jits its step with these options (the VAE's 250 steps:
 # compile 5 s -> 9.5 s, step 0.13 s -> 0.043 s).
 OPTIMIZED = {"xla_backend_optimization_level": 2}

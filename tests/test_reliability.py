@@ -163,7 +163,8 @@ def small_cfg(corpus_dir, *extra):
 
 def test_sigterm_and_sigint_save_and_the_resumed_run_continues_the_losses(
         zygote, straight, tmp_path):
-    """...and the compiled step comes from the persistent cache (`train.compile_cache`): the
+    """Each signal saves the step it stopped after; the resumed runs continue the losses
+    bitwise. The compiled step comes from the persistent cache (`train.compile_cache`): the
     first run (`straight`, the zygote's first child) wrote it, and this new run and its two
     resumes add nothing."""
     cached = sorted(p.name for p in zygote.cache.iterdir())
