@@ -8,13 +8,8 @@ from mirage_jax import cli, generate, media
 
 
 @pytest.fixture(scope="module")
-def dit_run(tiny_dit_run):
-    return tiny_dit_run  # conftest.py: 3 steps of configs/tiny.py, shared with evaluation
-
-
-@pytest.fixture(scope="module")
-def gen(dit_run):
-    return generate.Generator(dit_run)
+def gen(tiny_dit_run):
+    return generate.Generator(tiny_dit_run)
 
 
 def tone_file(path, seconds=0.5, amp=0.3, rate=22050, channels=2):
@@ -34,10 +29,10 @@ def tone_file(path, seconds=0.5, amp=0.3, rate=22050, channels=2):
     return path
 
 
-def test_text_to_mp4_with_sound(dit_run, tmp_path):
+def test_text_to_mp4_with_sound(tiny_dit_run, tmp_path):
     out = tmp_path / "hello.mp4"
-    rc = cli.main(["generate", "--checkpoint", str(dit_run), "--text", "Hello there, my friend.",
-                   "--steps", "3", "--out", str(out)])
+    rc = cli.main(["generate", "--checkpoint", str(tiny_dit_run), "--text",
+                   "Hello there, my friend.", "--steps", "3", "--out", str(out)])
     assert rc == 0
     wave = generate.speech(text="Hello there, my friend.")
     with av.open(str(out)) as c:
@@ -82,10 +77,10 @@ CASES = {"missing": "in.wav", "empty": "in.wav", "silent": "in.wav: the audio is
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_inputs_are_named_and_write_nothing(case, dit_run, tmp_path, capsys):
+def test_bad_inputs_are_named_and_write_nothing(case, tiny_dit_run, tmp_path, capsys):
     out = tmp_path / "out.mp4"
     audio = tmp_path / "in.wav"
-    checkpoint, extra = dit_run, []
+    checkpoint, extra = tiny_dit_run, []
     tone_file(audio, amp=0.0 if case == "silent" else 0.3)
     if case == "missing":
         audio.unlink()
@@ -105,7 +100,7 @@ def test_bad_inputs_are_named_and_write_nothing(case, dit_run, tmp_path, capsys)
     assert CASES[case] in err
 
 
-def test_batch_list_generates_every_file_like_one_at_a_time(dit_run, gen, tmp_path):
+def test_batch_list_generates_every_file_like_one_at_a_time(tiny_dit_run, gen, tmp_path):
     tone_file(tmp_path / "a.wav", seconds=0.7)
     jobs = tmp_path / "jobs.txt"
     jobs.write_text(
@@ -113,7 +108,7 @@ def test_batch_list_generates_every_file_like_one_at_a_time(dit_run, gen, tmp_pa
         f"{tmp_path / 'one.mp4'}\t{tmp_path / 'a.wav'}\ta woman\n"
         f"{tmp_path / 'two.mp4'}\ttext:Good morning to you all.\n"
         f"{tmp_path / 'three.mp4'}\ttext:Yes.\ta man\n")
-    rc = cli.main(["generate", "--checkpoint", str(dit_run), "--batch", str(jobs),
+    rc = cli.main(["generate", "--checkpoint", str(tiny_dit_run), "--batch", str(jobs),
                    "--steps", "2", "--seed", "5"])
     assert rc == 0
     for name, speech in [("one", generate.speech(tmp_path / "a.wav")),
@@ -130,9 +125,9 @@ def test_batch_list_generates_every_file_like_one_at_a_time(dit_run, gen, tmp_pa
     np.testing.assert_array_equal(alone, batched)
 
 
-def test_generator_from_exported_weights(dit_run, gen, tmp_path):
+def test_generator_from_exported_weights(tiny_dit_run, gen, tmp_path):
     path = tmp_path / "dit_export"
-    assert cli.main(["export", "--checkpoint", str(dit_run), "--out", str(path)]) == 0
+    assert cli.main(["export", "--checkpoint", str(tiny_dit_run), "--out", str(path)]) == 0
     wave = generate.speech(text="Hi.")
     s = generate.Settings(steps=2)
     np.testing.assert_array_equal(generate.Generator(path)(wave, "", None, s, False),
