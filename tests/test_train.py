@@ -47,11 +47,13 @@ def test_one_batch_overfit_drops_loss_10x(tiny_cfg):
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
-def losses_for(cfg, batches, devices):
-    """Trains `cfg` on the given per-step global batches; returns losses and the final state."""
+def losses_for(cfg, batches, devices, init=None):
+    """Trains `cfg` on the given per-step global batches from `init` (a host copy of a
+    state; None: a fresh one); returns losses and the final state."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     setup = state_lib.setup(cfg, mesh)
-    state = state_lib.init_state(cfg, setup)
+    state = state_lib.init_state(cfg, setup) if init is None else jax.device_put(
+        init, setup.shardings)
     shard = sharding.batch_sharding(mesh, cfg.sharding_rules)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()
                 if k in MODEL_KEYS}
@@ -65,19 +67,31 @@ def losses_for(cfg, batches, devices):
     return np.array(losses), state
 
 
-def _losses_on_mesh(cfg, mesh_axes, devices, steps=3):
+def _losses_on_mesh(cfg, mesh_axes, devices, init, steps=3):
     overrides = [f"config.mesh.{k}={v}" for k, v in zip(("data", "fsdp", "tensor"), mesh_axes)]
     cfg = config.apply_overrides(cfg, overrides)
     source = GrainSource(cfg)
-    return losses_for(cfg, [source.batch(i) for i in range(steps)], devices)
+    return losses_for(cfg, [source.batch(i) for i in range(steps)], devices, init)
 
 
 def test_same_losses_on_1_device_and_8_device_meshes(tiny_cfg):
+    """The initial state built on 2x2x2 is the one built on one device, bitwise; every mesh
+    then trains from that state (one init compiled twice, not four times)."""
     cfg = config.apply_overrides(tiny_cfg, ["config.optim.warmup_steps=1"])
-    ref, ref_state = _losses_on_mesh(cfg, (1, 1, 1), jax.devices()[:1])
+    one = jax.devices()[:1]
+    init = jax.device_get(state_lib.init_state(cfg, state_lib.setup(
+        cfg, sharding.make_mesh(cfg.mesh, one))))
+    sharded_cfg = config.apply_overrides(cfg, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    sharded = state_lib.init_state(sharded_cfg, state_lib.setup(
+        sharded_cfg, sharding.make_mesh(sharded_cfg.mesh)))
+    kernel = sharded["params"]["blocks"]["video"]["fc1"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape[1:] == (kernel.shape[1] // 2,
+                                                           kernel.shape[2] // 2)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded), init)
+    ref, ref_state = _losses_on_mesh(cfg, (1, 1, 1), one, init)
     assert np.all(np.isfinite(ref)) and ref[0] != ref[-1]
     for axes in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
-        losses, state = _losses_on_mesh(cfg, axes, jax.devices())
+        losses, state = _losses_on_mesh(cfg, axes, jax.devices(), init)
         np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5, err_msg=f"mesh {axes}")
         kernel = state["params"]["blocks"]["video"]["fc1"]["kernel"]
         assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
