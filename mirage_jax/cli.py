@@ -220,11 +220,14 @@ def _probe(args, overrides):
     from mirage_jax.amdim import probe
 
     result = probe.run(args.checkpoint, args.dataset, args.data_dir, args.train_stride,
-                       args.test_stride, args.max_clips)
+                       args.test_stride, args.max_clips, step=args.step)
     probe.write(result, args.out)
     print(f"probe accuracy on {result['test_frames']} held-out frames -> {args.out}")
     for label, row in result["accuracy"].items():
         print(f"  {label:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    for base, v in result["lead"]["viseme"].items():
+        print(f"  viseme: amdim - {base} {v['lead']:+.3f}, 95% over test clips "
+              f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
     return 0
 
 
@@ -380,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-stride", type=int, default=5, help="every n-th frame of train clips")
     p.add_argument("--test-stride", type=int, default=1, help="every n-th frame of test clips")
     p.add_argument("--max-clips", type=int, default=0, help="clips per split (0: all)")
+    p.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
     p.add_argument("--out", required=True, help="the JSON report")
     p.set_defaults(run=_probe)
     p = sub.add_parser("sync-calibrate", help="the sync judge's metrics on held-out real clips")

@@ -257,6 +257,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (cfg.amdim.ndf > 0 and cfg.amdim.depth > 0 and cfg.amdim.n_rkhs > 0, "amdim.ndf",
          cfg.amdim.ndf),
         (cfg.amdim.tclip > 0, "amdim.tclip", cfg.amdim.tclip),
+        (cfg.amdim.frame_stride >= 1, "amdim.frame_stride", cfg.amdim.frame_stride),
         (0 < cfg.amdim.crop_min_scale <= 1, "amdim.crop_min_scale", cfg.amdim.crop_min_scale),
         (cfg.task != "amdim" or d.global_batch * (d.frames + cfg.amdim.use_ref) >= 2,
          "data.global_batch", d.global_batch),  # InfoNCE needs another image as a negative

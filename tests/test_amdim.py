@@ -106,6 +106,14 @@ def test_nce_equals_numpy():
                                rtol=1e-5)
 
 
+def test_frames_take_every_stride_th_frame_then_the_refs():
+    video = jnp.arange(2 * 9, dtype=jnp.float32).reshape(2, 9, 1, 1, 1) * jnp.ones((1, 1, 2, 2, 3))
+    ref = -jnp.ones((2, 2, 2, 3))
+    images = frames({"video": video, "ref": ref}, True, 4)
+    assert images.shape == (2 * 3 + 2, 2, 2, 3)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 4, 8, 9, 13, 17, -1, -1])
+
+
 def test_views():
     a = _cfg("amdim.image_size=32").amdim
     img = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3), minval=-1.0, maxval=1.0)
@@ -179,6 +187,23 @@ def test_probe_end_to_end(amdim_run, tmp_path):
     # held-out frames of those speakers too (chance is one speaker's share).
     assert saved["details"]["speaker/pixels"]["fit"] == 1.0
     assert acc["speaker"]["pixels"] > acc["speaker"]["chance"] + 0.3
+    for label, leads in saved["lead"].items():
+        for base, v in leads.items():
+            assert abs(v["lead"] - (acc[label]["amdim"] - acc[label][base])) < 1e-9
+            assert v["ci95"][0] <= v["lead"] + 1e-9 and v["lead"] - 1e-9 <= v["ci95"][1]
+
+
+def test_clip_bootstrap_resamples_whole_clips():
+    """The interval is over clips: a lead carried by one clip of four is uncertain, the
+    same lead spread evenly over all four is not."""
+    clip = np.repeat(np.arange(4), 10)
+    same = np.ones(40, bool)
+    assert probe.clip_bootstrap(same, same, clip) == [0.0, 0.0]
+    one_clip = clip == 0  # a right on clip 0 only, b wrong everywhere: lead 0.25
+    lo, hi = probe.clip_bootstrap(one_clip, ~same, clip)
+    assert lo == 0.0 and hi > 0.5, (lo, hi)
+    spread = np.tile(np.arange(10) < 3, 4)  # a right on 3 of 10 frames in every clip
+    assert probe.clip_bootstrap(spread, ~same, clip) == [0.3, 0.3]
 
 
 def test_judge_exports_as_safetensors_and_loads_back(amdim_run, tmp_path):

@@ -51,10 +51,10 @@ def multi_nce(f1: dict, f2: dict, src5, clip: float, penalty: float):
     return parts["nce"] + reg, parts
 
 
-def frames(batch: dict, use_ref: bool):
-    """The images of a pipeline batch: every frame of `video` [B, T, H, W, 3], then (with
-    `use_ref`) each clip's reference frame, another moment of the same speaker."""
-    video = batch["video"]
+def frames(batch: dict, use_ref: bool, stride: int = 1):
+    """The images of a pipeline batch: every `stride`-th frame of `video` [B, T, H, W, 3],
+    then (with `use_ref`) each clip's reference frame, another moment of the same speaker."""
+    video = batch["video"][:, ::stride]
     images = video.reshape(-1, *video.shape[2:])
     if use_ref:
         images = jnp.concatenate([images, batch["ref"]], axis=0)
@@ -66,7 +66,7 @@ def amdim_loss(model, batch: dict, key, cfg):
     over both, multi-scale InfoNCE. Returns (loss, parts)."""
     a = cfg.amdim
     k_view, k_src = jax.random.split(key)
-    v1, v2 = two_views(k_view, frames(batch, a.use_ref), a)
+    v1, v2 = two_views(k_view, frames(batch, a.use_ref, a.frame_stride), a)
     n = v1.shape[0]
     f = model(jnp.concatenate([v1, v2], axis=0))
     f1, f2 = ({k: x[:n] for k, x in f.items()}, {k: x[n:] for k, x in f.items()})

@@ -46,6 +46,10 @@ def amdim_defaults() -> dict:
         "tclip": 20.0,  # scores soft-clipped to c * tanh(s / c)
         "score_penalty": 5e-2,  # weight of mean(score^2), taken before the clip
         "use_ref": True,  # the clip's reference frame joins the batch (a same-speaker negative)
+        # Every frame_stride-th frame of a window joins the batch (data.frames = 1 + (n-1) *
+        # stride gives n): consecutive frames mostly share a viseme, frames further apart
+        # differ at the mouth. Measured on the viseme probe: within seed noise (README).
+        "frame_stride": 1,
         # What a linear probe (probe.py) reads of a frozen encoder, trained or at random init
         # alike: 'r1' (the global feature, the reference's evaluation) and/or the local maps
         # 'r5', 'r7', flattened. 'r5': the mouth is a few pixels of a 64x64 frame, and the

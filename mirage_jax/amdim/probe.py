@@ -1,7 +1,7 @@
 """Linear probes on frozen features: what does an AMDIM encoder know about a frame?
 
-    mirage-jax probe --checkpoint RUN [--dataset synthetic_aroll/small --data_dir DATA]
-                     --out probe.json
+    mirage-jax probe --checkpoint RUN [--step N] [--dataset synthetic_aroll/small
+                     --data_dir DATA] --out probe.json
 
 The same frames are described three ways: the trained encoder's features (EMA weights;
 `amdim.probe_features`: the global 1x1 feature r1 and/or the flattened local maps r5, r7),
@@ -11,6 +11,8 @@ fit on frames of the train split and scored on every frame of the test split: ot
 and sentences, the same speakers. Labels: the frame's viseme and, from the speaker id,
 the speaker and their shirt and hair colours (face.py). The L2 weight is chosen per probe
 on a fifth of the train clips held out from fitting, so no encoder gets a tuned advantage.
+The trained encoder's lead over each baseline comes with a 95% interval from resampling
+the test clips (`clip_bootstrap`): a clip's frames are not independent draws.
 """
 
 from __future__ import annotations
@@ -130,26 +132,39 @@ def probe(train_x, train_y, test_x, test_y, n_classes: int, is_val,
     xf, xv, xt = map(jnp.asarray, (xf, xv, xt))
     valid = jnp.arange(MAX_CLASSES) < n_classes
     init = {"w": jnp.zeros((xf.shape[1], MAX_CLASSES)), "b": jnp.zeros((MAX_CLASSES,))}
-    acc = lambda p, x, y: float(jnp.mean(
-        jnp.argmax(jnp.where(valid, x @ p["w"] + p["b"], -jnp.inf), -1) == y))
+    hits = lambda p, x, y: np.asarray(  # noqa: E731
+        jnp.argmax(jnp.where(valid, x @ p["w"] + p["b"], -jnp.inf), -1) == y)
     best = None
     for l2 in l2s:
         p, final_loss = _fit(xf, jnp.asarray(train_y[~is_val]), valid, l2, init)
-        row = {"l2": l2, "val": acc(p, xv, train_y[is_val]), "fit": acc(p, xf, train_y[~is_val]),
-               "test": acc(p, xt, test_y), "loss": float(final_loss)}
+        correct = hits(p, xt, test_y)
+        row = {"l2": l2, "val": float(hits(p, xv, train_y[is_val]).mean()),
+               "fit": float(hits(p, xf, train_y[~is_val]).mean()),
+               "test": float(correct.mean()), "loss": float(final_loss), "correct": correct}
         if best is None or row["val"] > best["val"]:
             best = row
     return best
 
 
+def clip_bootstrap(correct_a, correct_b, clip, n: int = 10_000, seed: int = 0) -> list:
+    """95% interval of accuracy(a) - accuracy(b) on the same test frames, resampling whole
+    clips with replacement (paired: both probes see the same resampled clips)."""
+    ids = np.unique(clip, return_inverse=True)[1]
+    a, b, count = (np.bincount(ids, w) for w in (correct_a.astype(float),
+                                                 correct_b.astype(float), None))
+    pick = np.random.default_rng(seed).integers(0, len(count), (n, len(count)))
+    diff = (a[pick].sum(1) - b[pick].sum(1)) / count[pick].sum(1)
+    return [float(v) for v in np.percentile(diff, [2.5, 97.5])]
+
+
 def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
         train_stride: int = 5, test_stride: int = 1, max_clips: int = 0, seed: int = 0,
-        log=print) -> dict:
+        log=print, step: int | None = None) -> dict:
     """The probe table for a trained AMDIM run: {labels: {encoder: accuracy}} and details."""
     from mirage_jax.train.checkpoint import load_run
 
     t0 = time.perf_counter()
-    trained = load_run(checkpoint, sharding.data_mesh(jax.devices()[:1]), "ema")
+    trained = load_run(checkpoint, sharding.data_mesh(jax.devices()[:1]), "ema", step)
     cfg = trained["cfg"]
     if cfg.task != "amdim":
         raise ValueError(f"{trained['where']} is a '{cfg.task}' checkpoint, not AMDIM")
@@ -167,23 +182,31 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
         f"{time.perf_counter() - t0:.0f}s")
     classes = {"viseme": NUM_VISEMES, "speaker": int(train["labels"]["speaker"].max()) + 1,
                "shirt": len(face.CLOTHES), "hair": len(face.HAIR)}
-    table, details = {}, {}
+    table, details, lead = {}, {}, {}
     for label in LABELS:
         ytr, yte = train["labels"][label], test["labels"][label]
         n = max(classes[label], int(max(ytr.max(), yte.max())) + 1)
         table[label] = {"chance": float(np.bincount(yte).max() / len(yte))}
+        correct = {}
         for name, (ftr, fte) in feats.items():
             row = probe(ftr, ytr, fte, yte, n, is_val)
-            table[label][name] = row["test"]
+            table[label][name], correct[name] = row["test"], row.pop("correct")
             details[f"{label}/{name}"] = row
             log(f"{label:8s} {name:12s} test {row['test']:.3f} (val {row['val']:.3f}, "
                 f"fit {row['fit']:.3f}, l2 {row['l2']:g})")
+        lead[label] = {base: {"lead": table[label]["amdim"] - table[label][base],
+                              "ci95": clip_bootstrap(correct["amdim"], correct[base],
+                                                     test["clip"])}
+                       for base in ("random_init", "pixels")}
+        log(f"{label:8s} amdim's lead (95% over test clips): " + ", ".join(
+            f"{b} {v['lead']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+            for b, v in lead[label].items()))
     return {
         "checkpoint": str(checkpoint), "step": trained["step"], "dataset": dataset,
         "encoder_features": list(maps),
         "train_frames": len(ytr), "test_frames": len(yte),
         "feature_dims": {k: int(v[0].shape[1]) for k, v in feats.items()},
-        "accuracy": table, "details": details, "seconds": time.perf_counter() - t0,
+        "accuracy": table, "lead": lead, "details": details, "seconds": time.perf_counter() - t0,
     }
 
 

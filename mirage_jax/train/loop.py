@@ -117,7 +117,7 @@ def tokens_per_example(cfg) -> int:
     if cfg.task in ("vae", "sync"):  # the sync judge: one pass per clip's frames
         return d.frames
     if cfg.task == "amdim":  # images per example
-        return d.frames + int(cfg.amdim.use_ref)
+        return len(range(0, d.frames, cfg.amdim.frame_stride)) + int(cfg.amdim.use_ref)
     t, h, w, _ = video_shape(cfg)
     per_frame = (h // p) * (w // p)
     return t * per_frame + per_frame + audio_frames(cfg) + d.text_len
