@@ -48,6 +48,9 @@ def test_vae_checkpoints_store_latent_stats_that_normalise(vae_run):
         # the whole mouth's error is the frame-weighted mix of the first frame's and the rest's
         low, high = sorted((stats["psnr_mouth_first_test"], stats["psnr_mouth_rest_test"]))
         assert low - 1e-6 <= stats["psnr_mouth_test"] <= high + 1e-6
+        # and the rest's, of its closed and open frames (the corpus's mouth_open)
+        low, high = sorted((stats["psnr_mouth_closed_test"], stats["psnr_mouth_open_test"]))
+        assert low - 1e-6 <= stats["psnr_mouth_rest_test"] <= high + 1e-6
     ckpt.close()
     # The stored statistics really whiten the latents of the batches they were measured on.
     codec = Codec(workdir)

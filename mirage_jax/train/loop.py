@@ -129,11 +129,13 @@ def vae_checkpoint_report(cfg, setup, state, batches, log) -> dict:
     t0 = time.perf_counter()
     model = nnx.merge(setup.graphdef, state["ema"])
     report = vae_report(cfg, model, batches)
+    split = "".join(f", {k} {report[f'psnr_mouth_{k}_test']:.2f}" for k in ("closed", "open")
+                    if f"psnr_mouth_{k}_test" in report)
     log.info(
-        "step %d: held-out PSNR %.2f dB, mouth %.2f dB (first frame %.2f, the rest %.2f); "
+        "step %d: held-out PSNR %.2f dB, mouth %.2f dB (first frame %.2f, the rest %.2f%s); "
         "latent std %s (%.1fs)", int(state["step"]), report["psnr_test"],
         report["psnr_mouth_test"], report["psnr_mouth_first_test"], report["psnr_mouth_rest_test"],
-        np.round(report["std"], 3).tolist(), time.perf_counter() - t0,
+        split, np.round(report["std"], 3).tolist(), time.perf_counter() - t0,
     )
     return report
 
