@@ -225,9 +225,6 @@ def _probe(args, overrides):
     print(f"probe accuracy on {result['test_frames']} held-out frames -> {args.out}")
     for label, row in result["accuracy"].items():
         print(f"  {label:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
-    for base, v in result["lead"]["viseme"].items():
-        print(f"  viseme: amdim - {base} {v['lead']:+.3f}, 95% over test clips "
-              f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
     return 0
 
 

@@ -61,7 +61,7 @@ def heldout_psnr(model: VAE, cfg, max_clips: int = 64, batch: int = 4) -> dict:
     source = tfds.data_source(d.dataset, data_dir=d.data_dir)["test"]
     recon = nnx.jit(lambda m, x: jnp.clip(m.decode_tiled(m.encode_tiled(x)[0]), -1.0, 1.0))
     n = min(len(source), max_clips)
-    err, count = 0.0, 0
+    err, count, opened = 0.0, 0, True  # opened: every record has its mouth_open
     mouth = np.zeros((3, 2))  # [first frame, the rest closed, the rest open] x [sq. err, count]
     for i0 in range(0, n, batch):
         records = [source[i] for i in range(i0, min(n, i0 + batch))]
@@ -72,6 +72,7 @@ def heldout_psnr(model: VAE, cfg, max_clips: int = 64, batch: int = 4) -> dict:
         for j, r in enumerate(records):
             y0, y1, x0, x1 = mouth_box(r, x.shape[2])
             m = sq[j, :, y0:y1, x0:x1]
+            opened &= "mouth_open" in r
             opening = np.asarray(r.get("mouth_open", np.zeros(t)))[:t]
             rest_open = opening[1:] >= OPEN
             for k, frames in enumerate((m[:1], m[1:][~rest_open], m[1:][rest_open])):
@@ -80,7 +81,7 @@ def heldout_psnr(model: VAE, cfg, max_clips: int = 64, batch: int = 4) -> dict:
     out = {"psnr_test": db(err, count), "psnr_mouth_test": db(*mouth.sum(0)),
            "psnr_mouth_first_test": db(*mouth[0]), "psnr_mouth_rest_test": db(*mouth[1:].sum(0)),
            "test_clips": n}
-    if "mouth_open" in records[0] and mouth[2, 1]:
+    if opened and mouth[2, 1]:
         out["psnr_mouth_closed_test"], out["psnr_mouth_open_test"] = db(*mouth[1]), db(*mouth[2])
     return out
 
