@@ -125,6 +125,25 @@ def test_motion_weight_counts_moving_pixels_more():
         model, moving, key, cfg0)[1]["l1"]
 
 
+def test_mouth_weight_counts_the_region_more():
+    """Pixels inside `mouth_region` count 1 + mouth_weight times: over the whole frame that
+    scales the reconstruction terms exactly; a bad region is refused by name."""
+    key, clip = jax.random.key(0), {"video": np.asarray(video(jax.random.key(1), 5))}
+    model = V.VAE(make_cfg(), nnx.Rngs(0))
+    base = V.vae_loss(model, clip, key, make_cfg())[1]
+    whole = V.vae_loss(model, clip, key, make_cfg(mouth_weight=3.0,
+                                                  mouth_region=(0.0, 1.0, 0.0, 1.0)))[1]
+    part = V.vae_loss(model, clip, key, make_cfg(mouth_weight=3.0))[1]
+    for k in ("l1", "l2"):
+        np.testing.assert_allclose(whole[k], 4.0 * base[k], rtol=1e-5)
+        assert base[k] < part[k] < whole[k]
+    mask = V.region_mask((0.5, 0.75, 0.25, 0.75), 16, 16)
+    assert mask.shape == (16, 16, 1) and float(mask.sum()) == 4 * 8
+    assert float(mask[8:12, 4:12].min()) == 1.0
+    with pytest.raises(ValueError, match="mouth_region"):
+        V.region_mask((0.8, 0.2, 0.0, 1.0), 16, 16)
+
+
 def test_adversarial_terms_train_their_own_side():
     """One loss, one optimizer: the generator term moves only the VAE, the critic's hinge
     loss only the critic (each sees the other through stop_gradient)."""

@@ -41,6 +41,10 @@ def vae_defaults() -> dict:
         l2_weight=1.0,
         edge_weight=0.0,  # L1 of spatial finite differences (sharper edges); 0 = off
         motion_weight=0.0,  # extra weight on pixels that change between frames (lips); 0 = off
+        mouth_weight=0.0,  # extra weight on pixels inside `mouth_region`; 0 = off
+        # (y0, y1, x0, x1) as fractions of the frame: where the lower face lies in every clip
+        # (the synthetic corpus: the union of its speakers' mouth boxes, latents.mouth_box)
+        mouth_region=(0.5, 0.75, 0.23, 0.77),
         adversarial_weight=0.0,  # hinge GAN term from a spatio-temporal patch critic; 0 = off
         tile_latents=8,  # latent frames produced per temporal tile
         tile_context=-1,  # latent frames of context before a tile; -1 = the exact minimum
@@ -386,7 +390,8 @@ def _edges(x):
 def vae_loss(model: VAE, batch: dict, key, cfg):
     """Weighted L1 + L2 (+ edge) reconstruction of a posterior sample, plus a small KL.
 
-    With `motion_weight`, each pixel's error counts 1 + motion_weight * |x_t - x_(t-1)|.
+    With `motion_weight`, each pixel's error counts 1 + motion_weight * |x_t - x_(t-1)|;
+    with `mouth_weight`, pixels inside `mouth_region` count 1 + mouth_weight more.
 
     batch['video']: [B, 1 + k*r, H, W, 3] in [-1, 1] (uint8 in [0, 255] is converted).
     With `adversarial_weight`, a critic is trained alongside (`adversarial_terms`).
@@ -399,6 +404,8 @@ def vae_loss(model: VAE, batch: dict, key, cfg):
     err, w = rec - x, 1.0
     if v.motion_weight:  # moving pixels (the mouth) matter most and are the hardest to code
         w = 1.0 + v.motion_weight * jnp.abs(jnp.diff(x, axis=1, prepend=x[:, :1])).mean(-1, keepdims=True)
+    if v.mouth_weight:  # the open mouth is where the error is (and where lip sync lives)
+        w = w * (1.0 + v.mouth_weight * region_mask(v.mouth_region, *x.shape[2:4]))
     l1, l2 = jnp.mean(w * jnp.abs(err)), jnp.mean(w * jnp.square(err))
     (ry, rx), (xy, xx) = _edges(rec), _edges(x)
     edge = 0.5 * (jnp.mean(jnp.abs(ry - xy)) + jnp.mean(jnp.abs(rx - xx)))
@@ -410,6 +417,15 @@ def vae_loss(model: VAE, batch: dict, key, cfg):
         parts["adv_gen"], parts["adv_critic"] = adversarial_terms(model, rec, x)
         loss = loss + v.adversarial_weight * parts["adv_gen"] + parts["adv_critic"]
     return loss, parts
+
+
+def region_mask(region, height: int, width: int) -> jax.Array:
+    """float32 [H, W, 1]: 1 inside the (y0, y1, x0, x1) fractions of the frame, else 0."""
+    y0, y1, x0, x1 = (int(round(f * n)) for f, n in zip(region, (height, height, width, width)))
+    if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+        raise ValueError(f"vae.mouth_region={tuple(region)} is empty or outside the frame")
+    m = jnp.zeros((height, width, 1), jnp.float32)
+    return m.at[y0:y1, x0:x1].set(1.0)
 
 
 def to_signed(video):
