@@ -241,6 +241,11 @@ def apply_overrides(
     return cfg
 
 
+def _is_box(box) -> bool:
+    """(y0, y1, x0, x1) fractions of a frame with positive height and width."""
+    return len(box) == 4 and 0 <= box[0] < box[1] <= 1 and 0 <= box[2] < box[3] <= 1
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Cross-field checks that a type system cannot express."""
     m, d = cfg.model, cfg.data
@@ -259,6 +264,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (cfg.amdim.tclip > 0, "amdim.tclip", cfg.amdim.tclip),
         (cfg.amdim.frame_stride >= 1, "amdim.frame_stride", cfg.amdim.frame_stride),
         (0 < cfg.amdim.crop_min_scale <= 1, "amdim.crop_min_scale", cfg.amdim.crop_min_scale),
+        (_is_box(cfg.amdim.region), "amdim.region", cfg.amdim.region),
         (cfg.task != "amdim" or d.global_batch * (d.frames + cfg.amdim.use_ref) >= 2,
          "data.global_batch", d.global_batch),  # InfoNCE needs another image as a negative
         (d.video in ("pixels", "latents", "encode"), "data.video", d.video),

@@ -65,6 +65,8 @@ def test_config_checks():
         _cfg("data.video=latents", "vae_checkpoint=x")
     with pytest.raises(config.ConfigError, match="data.global_batch"):
         _cfg("data.global_batch=1", "data.frames=1", "amdim.use_ref=False")
+    with pytest.raises(config.ConfigError, match="amdim.region"):
+        _cfg("amdim.region=(0.5,0.4,0.0,1.0)")
 
 
 def _nce_numpy(src, trg, c, penalty):
@@ -127,6 +129,22 @@ def test_views():
     assert float(jnp.mean(jnp.abs(v1 - v2))) > 0.02  # two draws, two different views
 
 
+def test_views_and_probe_features_stay_inside_the_region():
+    """With `amdim.region`, the views, the encoder's resized input and the pixel features
+    see only the region: a frame bright inside it (and one pixel around, which bilinear
+    resampling at the region's edge reaches) and dark outside gives bright pixels only."""
+    region = (0.25, 0.75, 0.25, 0.75)
+    kw = ("amdim.image_size=32", "amdim.p_jitter=0.0", "amdim.p_grey=0.0")
+    img = jnp.full((4, 16, 16, 3), -1.0).at[:, 3:13, 3:13].set(1.0)
+    for v in augment.two_views(jax.random.key(3), img, _cfg(*kw, f"amdim.region={region}").amdim):
+        assert float(jnp.min(v)) > 1.0 - 1e-5
+    whole = augment.two_views(jax.random.key(3), img, _cfg(*kw).amdim)[0]
+    assert float(jnp.min(whole)) < 0.0
+    np.testing.assert_allclose(augment.resize(img, 8, region), 1.0, atol=1e-5)
+    pix = probe.pixel_features(np.asarray((img + 1) * 127.5, np.uint8), region)
+    assert pix.shape == (4, 8 * 8 * 3) and pix.min() == 1.0
+
+
 @pytest.fixture(scope="module")
 def amdim_run(corpus_dir, tmp_path_factory):
     """A small AMDIM trained by the shared loop on the tiny corpus (16x16 frames -> 32x32)."""
@@ -180,9 +198,12 @@ def test_probe_end_to_end(amdim_run, tmp_path):
                                      "pixels": 16 * 16 * 3}
     acc = saved["accuracy"]
     assert set(acc) == set(probe.LABELS)
-    for row in acc.values():
-        assert set(row) == {"chance", "amdim", "random_init", "pixels"}
+    for label, row in acc.items():
+        extra = {"mouth_params_1nn"} if label == "viseme" else set()
+        assert set(row) == {"chance", "amdim", "random_init", "pixels"} | extra
         assert all(0.0 <= v <= 1.0 for v in row.values())
+    # The drawn mouth all but decides the viseme: the ceiling a frame's pixels allow.
+    assert acc["viseme"]["mouth_params_1nn"] > 0.9, acc["viseme"]
     # The regression really fits: pixels separate the speakers they were fit on, and the
     # held-out frames of those speakers too (chance is one speaker's share).
     assert saved["details"]["speaker/pixels"]["fit"] == 1.0
@@ -191,6 +212,21 @@ def test_probe_end_to_end(amdim_run, tmp_path):
         for base, v in leads.items():
             assert abs(v["lead"] - (acc[label]["amdim"] - acc[label][base])) < 1e-9
             assert v["ci95"][0] <= v["lead"] + 1e-9 and v["lead"] - 1e-9 <= v["ci95"][1]
+
+
+def test_mouth_params_are_the_drawn_mouth(corpus_dir):
+    """Recomputed from the phoneme timings, the mouth's opening is the record's mouth_open,
+    and the nearest-neighbour rule scores a point set against itself perfectly."""
+    import tensorflow_datasets as tfds
+
+    rec = tfds.data_source("synthetic_aroll/tiny", data_dir=corpus_dir)["test"][0]
+    mouth = probe.mouth_params(rec)
+    assert mouth.shape == (len(rec["viseme"]), 3)
+    np.testing.assert_allclose(mouth[:, 0], rec["mouth_open"], atol=1e-6)
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.arange(20) % 3
+    assert probe.nearest_neighbour(x, y, x, y).all()
+    assert not probe.nearest_neighbour(x, y, x, (y + 1) % 3).any()
 
 
 def test_clip_bootstrap_resamples_whole_clips():

@@ -5,6 +5,8 @@ independently a random resized crop (area 0.3-1, aspect 0.7-1.4) back to the enc
 size, colour jitter (p = 0.8) and greyscale (p = 0.25). Why on the device: the views cost
 a few matrix products per image there, the step's key makes them reproducible and
 resumable with no pipeline state, and the grain pipeline stays the one every task uses.
+The crops lie inside `amdim.region` (default the whole frame; the flip comes first, so keep
+a region symmetric about the vertical midline, as the mouth box is).
 """
 
 from __future__ import annotations
@@ -37,21 +39,30 @@ def crop_resize(img, box, size: int):
     return jnp.einsum("sh,hwc,tw->stc", ry, img, rx)
 
 
-def resize(images, size: int):
-    """[N, H, W, C] -> [N, size, size, C], the whole frame (no-op at that size)."""
-    if images.shape[1:3] == (size, size):
+WHOLE = (0.0, 1.0, 0.0, 1.0)
+
+
+def resize(images, size: int, region=WHOLE):
+    """[N, H, W, C] -> [N, size, size, C]: the region (y0, y1, x0, x1 fractions; default the
+    whole frame, a no-op at that size) resampled."""
+    if tuple(region) == WHOLE and images.shape[1:3] == (size, size):
         return images
-    full = jnp.array([0.0, 0.0, 1.0, 1.0])
-    return jax.vmap(lambda x: crop_resize(x, full, size))(images)
+    y0, y1, x0, x1 = region
+    box = jnp.array([y0, x0, y1 - y0, x1 - x0], jnp.float32)
+    return jax.vmap(lambda x: crop_resize(x, box, size))(images)
 
 
-def _random_box(key, min_scale: float):
+def _random_box(key, min_scale: float, region=WHOLE):
+    """(y0, x0, h, w) of a random crop of `region` (area and ratio relative to it)."""
     ka, kr, ky, kx = jax.random.split(key, 4)
     area = jax.random.uniform(ka, (), minval=min_scale, maxval=1.0)
     ratio = jnp.exp(jax.random.uniform(kr, (), minval=math.log(0.7), maxval=math.log(1.4)))
     h = jnp.minimum(jnp.sqrt(area / ratio), 1.0)
     w = jnp.minimum(jnp.sqrt(area * ratio), 1.0)
-    return jnp.stack([jax.random.uniform(ky) * (1 - h), jax.random.uniform(kx) * (1 - w), h, w])
+    y0, y1, x0, x1 = region
+    ry, rx = y1 - y0, x1 - x0
+    return jnp.stack([y0 + jax.random.uniform(ky) * (1 - h) * ry,
+                      x0 + jax.random.uniform(kx) * (1 - w) * rx, h * ry, w * rx])
 
 
 def _colour(key, x, a):
@@ -73,7 +84,7 @@ def _colour(key, x, a):
 
 def _view(key, img, a):
     kc, kj = jax.random.split(key)
-    x = crop_resize(img, _random_box(kc, a.crop_min_scale), a.image_size)
+    x = crop_resize(img, _random_box(kc, a.crop_min_scale, a.region), a.image_size)
     return _colour(kj, (x + 1.0) / 2.0, a) * 2.0 - 1.0
 
 

@@ -55,6 +55,11 @@ def amdim_defaults() -> dict:
         # 'r5', 'r7', flattened. 'r5': the mouth is a few pixels of a 64x64 frame, and the
         # global feature codes the speaker; the mouth lives in the local features.
         "probe_features": "r5",
+        # (y0, y1, x0, x1) fractions: the part of each frame the encoder sees, in training
+        # views and in the probe alike: the whole frame, or e.g. the sync judge's mouth box
+        # (sync.crop), where the sway and the eyes no longer tell two moments apart. On the
+        # viseme probe the box lifted every encoder alike, random init too (README).
+        "region": (0.0, 1.0, 0.0, 1.0),
         "crop_min_scale": 0.3,  # random resized crop: area fraction in [this, 1], ratio 0.7..1.4
         "jitter": 0.4,  # colour jitter: brightness, contrast, saturation in 1 +- this
         "hue": 0.2,  # and hue rotated by up to +- this fraction of a turn

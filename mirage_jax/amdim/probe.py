@@ -3,13 +3,16 @@
     mirage-jax probe --checkpoint RUN [--step N] [--dataset synthetic_aroll/small
                      --data_dir DATA] --out probe.json
 
-The same frames are described three ways: the trained encoder's features (EMA weights;
+The same frames (their `amdim.region`: the whole frame or the mouth box) are described
+three ways: the trained encoder's features (EMA weights;
 `amdim.probe_features`: the global 1x1 feature r1 and/or the flattened local maps r5, r7),
 the same features of the same encoder at random init, and the raw pixels. For each, one
 multinomial logistic regression per label (standardised features, L2 penalty, L-BFGS) is
 fit on frames of the train split and scored on every frame of the test split: other clips
 and sentences, the same speakers. Labels: the frame's viseme and, from the speaker id,
-the speaker and their shirt and hair colours (face.py). The L2 weight is chosen per probe
+the speaker and their shirt and hair colours (face.py). For the viseme, a ceiling: a
+nearest-neighbour rule on the mouth the renderer drew (its opening, width and roundness),
+which is all a single frame can show of the viseme. The L2 weight is chosen per probe
 on a fifth of the train clips held out from fitting, so no encoder gets a tuned advantage.
 The trained encoder's lead over each baseline comes with a 95% interval from resampling
 the test clips (`clip_bootstrap`): a clip's frames are not independent draws.
@@ -28,10 +31,10 @@ import optax
 from flax import nnx
 
 from mirage_jax import sharding
-from mirage_jax.amdim.augment import resize
+from mirage_jax.amdim.augment import WHOLE, resize
 from mirage_jax.amdim.model import AMDIM
 from mirage_jax.data import face
-from mirage_jax.data.visemes import NUM_VISEMES
+from mirage_jax.data.visemes import NUM_VISEMES, viseme_track
 
 LABELS = ("viseme", "speaker", "shirt", "hair")
 
@@ -47,31 +50,56 @@ def load_frames(dataset: str, data_dir: str, split: str, stride: int, max_clips:
     images, clips, labels = [], [], {k: [] for k in LABELS}
     names = {k: {v: i for i, v in enumerate(d)} for k, d in
              (("shirt", face.CLOTHES), ("hair", face.HAIR))}
+    mouths = []
     for i in range(n):
         rec = source[i]
         t = np.arange(i % stride, rec["video"].shape[0], stride)
         spk = face.Speaker.sample(int(rec["speaker_id"]), corpus_seed)
         images.append(rec["video"][t])
+        mouths.append(mouth_params(rec)[t])
         clips.append(np.full(len(t), i))
         labels["viseme"].append(np.asarray(rec["viseme"])[t])
         labels["speaker"].append(np.full(len(t), spk.speaker_id))
         labels["shirt"].append(np.full(len(t), names["shirt"][spk.shirt]))
         labels["hair"].append(np.full(len(t), names["hair"][spk.hair]))
     out = {k: np.concatenate(v).astype(np.int32) for k, v in labels.items()}
-    return {"images": np.concatenate(images), "clip": np.concatenate(clips), "labels": out}
+    return {"images": np.concatenate(images), "clip": np.concatenate(clips), "labels": out,
+            "mouth": np.concatenate(mouths)}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _encode(graphdef, params, images, size: int, maps: tuple):
-    x = resize(images.astype(jnp.float32) / 127.5 - 1.0, size)
+def mouth_params(rec: dict) -> np.ndarray:
+    """float32 [T, 3]: the (opening, width, roundness) the renderer drew in each frame,
+    recomputed from the record's phoneme timings as the corpus made them."""
+    text = rec["phonemes"]
+    events = list(zip((text.decode() if isinstance(text, bytes) else str(text)).split(),
+                      np.asarray(rec["phoneme_samples"]).tolist()))
+    from mirage_jax.data.synthetic_aroll import FPS, SAMPLE_RATE
+
+    viseme, mouth = viseme_track(events, len(rec["viseme"]), FPS, SAMPLE_RATE)
+    if not np.array_equal(viseme, rec["viseme"]):
+        raise ValueError(f"{rec.get('clip_id', '?')}: phoneme timings do not give its visemes")
+    return mouth
+
+
+def nearest_neighbour(train_x, train_y, test_x, test_y) -> np.ndarray:
+    """bool [N_test]: whether the nearest train point's label is right (squared L2)."""
+    d = (np.square(test_x).sum(1)[:, None] - 2 * test_x @ train_x.T
+         + np.square(train_x).sum(1)[None])
+    return train_y[np.argmin(d, axis=1)] == test_y
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _encode(graphdef, params, images, size: int, maps: tuple, region: tuple):
+    x = resize(images.astype(jnp.float32) / 127.5 - 1.0, size, region)
     r = nnx.merge(graphdef, params).encode(x)
     return jnp.concatenate([r[k].reshape(len(x), -1) for k in maps], axis=1)
 
 
-def encoder_features(model: AMDIM, images: np.ndarray, maps=("r1",),
+def encoder_features(model: AMDIM, images: np.ndarray, maps=("r1",), region=WHOLE,
                      batch: int = 256) -> np.ndarray:
     """The encoder's `maps` (r1 [N, 8 * ndf], r5, r7 flattened), concatenated, of uint8
-    frames resized to the encoder's size (one compiled shape: the last batch is padded)."""
+    frames' `region` resized to the encoder's size (one compiled shape: the last batch is
+    padded)."""
     if not maps or set(maps) - {"r1", "r5", "r7"}:
         raise ValueError(f"probe features must be among r1, r5, r7; got {maps}")
     graphdef, params = nnx.split(model, nnx.Param)
@@ -80,12 +108,16 @@ def encoder_features(model: AMDIM, images: np.ndarray, maps=("r1",),
         x = images[i:i + batch]
         pad = np.zeros((batch - len(x), *x.shape[1:]), x.dtype)
         out.append(np.asarray(_encode(graphdef, params, np.concatenate([x, pad]), model.size,
-                                      tuple(maps)))[:len(x)])
+                                      tuple(maps), tuple(region)))[:len(x)])
     return np.concatenate(out)
 
 
-def pixel_features(images: np.ndarray) -> np.ndarray:
-    return images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
+def pixel_features(images: np.ndarray, region=WHOLE) -> np.ndarray:
+    """The `region`'s pixels at the frames' own resolution, flattened, in [-1, 1]."""
+    h, w = images.shape[1:3]
+    y0, y1, x0, x1 = (int(round(f * n)) for f, n in zip(region, (h, h, w, w)))
+    crop = images[:, y0:y1, x0:x1]
+    return crop.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
 
 
 MAX_CLASSES = 16  # every probe pads its classes to this: one compiled fit per feature size
@@ -175,9 +207,10 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
     encoders = {"amdim": nnx.merge(trained["graphdef"], trained["params"]),
                 "random_init": AMDIM(cfg, nnx.Rngs(params=seed + 1))}
     maps = tuple(m.strip() for m in cfg.amdim.probe_features.split(","))
-    feats = {k: (encoder_features(m, train["images"], maps),
-                 encoder_features(m, test["images"], maps)) for k, m in encoders.items()}
-    feats["pixels"] = (pixel_features(train["images"]), pixel_features(test["images"]))
+    region = tuple(cfg.amdim.region)
+    feats = {k: tuple(encoder_features(m, s["images"], maps, region) for s in (train, test))
+             for k, m in encoders.items()}
+    feats["pixels"] = tuple(pixel_features(s["images"], region) for s in (train, test))
     log(f"features of {len(train['images'])} + {len(test['images'])} frames: "
         f"{time.perf_counter() - t0:.0f}s")
     classes = {"viseme": NUM_VISEMES, "speaker": int(train["labels"]["speaker"].max()) + 1,
@@ -194,6 +227,11 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
             details[f"{label}/{name}"] = row
             log(f"{label:8s} {name:12s} test {row['test']:.3f} (val {row['val']:.3f}, "
                 f"fit {row['fit']:.3f}, l2 {row['l2']:g})")
+        if label == "viseme":  # what a frame's mouth tells at best: the drawn mouth itself
+            table[label]["mouth_params_1nn"] = float(nearest_neighbour(
+                train["mouth"], ytr, test["mouth"], yte).mean())
+            log(f"{label:8s} {'ceiling':12s} test {table[label]['mouth_params_1nn']:.3f} "
+                "(1-NN on the drawn mouth's opening, width, roundness)")
         lead[label] = {base: {"lead": table[label]["amdim"] - table[label][base],
                               "ci95": clip_bootstrap(correct["amdim"], correct[base],
                                                      test["clip"])}
@@ -203,7 +241,7 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
             for b, v in lead[label].items()))
     return {
         "checkpoint": str(checkpoint), "step": trained["step"], "dataset": dataset,
-        "encoder_features": list(maps),
+        "encoder_features": list(maps), "region": list(region),
         "train_frames": len(ytr), "test_frames": len(yte),
         "feature_dims": {k: int(v[0].shape[1]) for k, v in feats.items()},
         "accuracy": table, "lead": lead, "details": details, "seconds": time.perf_counter() - t0,
