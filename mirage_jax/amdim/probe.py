@@ -70,11 +70,11 @@ def load_frames(dataset: str, data_dir: str, split: str, stride: int, max_clips:
 def mouth_params(rec: dict) -> np.ndarray:
     """float32 [T, 3]: the (opening, width, roundness) the renderer drew in each frame,
     recomputed from the record's phoneme timings as the corpus made them."""
+    from mirage_jax.data.synthetic_aroll import FPS, SAMPLE_RATE
+
     text = rec["phonemes"]
     events = list(zip((text.decode() if isinstance(text, bytes) else str(text)).split(),
                       np.asarray(rec["phoneme_samples"]).tolist()))
-    from mirage_jax.data.synthetic_aroll import FPS, SAMPLE_RATE
-
     viseme, mouth = viseme_track(events, len(rec["viseme"]), FPS, SAMPLE_RATE)
     if not np.array_equal(viseme, rec["viseme"]):
         raise ValueError(f"{rec.get('clip_id', '?')}: phoneme timings do not give its visemes")
