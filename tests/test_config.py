@@ -22,6 +22,8 @@ def test_overrides_apply_with_types():
         ("--config.model.depth=abc", "config key 'model.depth' must be int"),
         ("--config.model.scan_layers=3", "config key 'model.scan_layers' must be bool"),
         ("--config.model.remat=sometimes", "config key 'model.remat' has an invalid value"),
+        ("--config.vae.mouth_region=(0.8,0.2,0.0,1.0)",
+         "config key 'vae.mouth_region' has an invalid value"),
     ],
 )
 def test_bad_override_names_the_key(override, message):
