@@ -43,13 +43,14 @@ WHOLE = (0.0, 1.0, 0.0, 1.0)
 
 
 def resize(images, size: int, region=WHOLE):
-    """[N, H, W, C] -> [N, size, size, C]: the region (y0, y1, x0, x1 fractions; default the
-    whole frame, a no-op at that size) resampled."""
-    if tuple(region) == WHOLE and images.shape[1:3] == (size, size):
+    """[N, H, W, C] -> [N, size, size, C]: the region (y0, y1, x0, x1 fractions, one [4] for
+    all frames or one per frame [N, 4]; default the whole frame, then a no-op at that size)
+    resampled."""
+    if isinstance(region, (tuple, list)) and tuple(region) == WHOLE and images.shape[1:3] == (size, size):
         return images
-    y0, y1, x0, x1 = region
-    box = jnp.array([y0, x0, y1 - y0, x1 - x0], jnp.float32)
-    return jax.vmap(lambda x: crop_resize(x, box, size))(images)
+    r = jnp.broadcast_to(jnp.asarray(region, jnp.float32), (images.shape[0], 4))
+    yxhw = jnp.stack([r[:, 0], r[:, 2], r[:, 1] - r[:, 0], r[:, 3] - r[:, 2]], -1)
+    return jax.vmap(lambda x, b: crop_resize(x, b, size))(images.astype(jnp.float32), yxhw)
 
 
 def _random_box(key, min_scale: float, region=WHOLE):

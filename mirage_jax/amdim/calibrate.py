@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from mirage_jax.amdim import metrics
-from mirage_jax.amdim.sync import mouth_crops
+from mirage_jax.amdim.augment import resize
 from mirage_jax.data.visemes import NUM_VISEMES
 
 
@@ -121,8 +121,8 @@ def calibrate(checkpoint: str, dataset: str | None = None, data_dir: str | None 
                          for name, v in (("test", clips["video"]), ("test_frozen_mouth", frozen),
                                          ("test_shuffled_frames", shuffled))}
     box, size = cfg.sync.crop, cfg.sync.crop_size
-    pixels = lambda v: np.asarray(mouth_crops(
-        np.asarray(v, np.float32).reshape(-1, *v.shape[2:]) / 127.5 - 1.0, box, size)
+    pixels = lambda v: np.asarray(resize(
+        np.asarray(v, np.float32).reshape(-1, *v.shape[2:]) / 127.5 - 1.0, size, box)
     ).reshape(v.shape[0], v.shape[1], -1)
     probes = {}
     train_ids = np.arange(len(train["video"]))

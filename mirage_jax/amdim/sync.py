@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mirage_jax.amdim.augment import crop_resize
+from mirage_jax.amdim.augment import resize
 from mirage_jax.amdim.loss import tanh_clip
 from mirage_jax.amdim.model import Conv, FeatureHead
 from mirage_jax.model.dit import DTYPES
@@ -97,14 +97,6 @@ def _conv_out(size: int) -> int:
     return size
 
 
-def mouth_crops(frames, box, size: int):
-    """frames [N, H, W, 3] -> the box (y0, y1, x0, x1 fractions; [4] or per frame [N, 4])
-    resampled to [N, size, size, 3]."""
-    box = jnp.broadcast_to(jnp.asarray(box, jnp.float32), (frames.shape[0], 4))
-    yxhw = jnp.stack([box[:, 0], box[:, 2], box[:, 1] - box[:, 0], box[:, 3] - box[:, 2]], -1)
-    return jax.vmap(lambda x, b: crop_resize(x, b, size))(frames.astype(jnp.float32), yxhw)
-
-
 class SyncJudge(nnx.Module):
     """`video(frames)` [B, T, H, W, 3] in [-1, 1] -> [B, T - window + 1, D];
     `audio(feats)` [B, T, F] log-mel -> [B, T - window + 1, D]; `frame_features(frames)`
@@ -135,7 +127,7 @@ class SyncJudge(nnx.Module):
         b, t = frames.shape[:2]
         box = jnp.asarray(self.crop if box is None else box, jnp.float32)
         box = jnp.repeat(jnp.broadcast_to(box, (b, 4)), t, axis=0)
-        h = mouth_crops(frames.reshape(b * t, *frames.shape[2:]), box, self.size)
+        h = resize(frames.reshape(b * t, *frames.shape[2:]), self.size, box)
         for i, conv in enumerate(self.convs):
             h = conv(h if i == 0 else jax.nn.relu(h))
         h = self.v_frame(jax.nn.relu(h).reshape(b * t, -1))
