@@ -46,7 +46,8 @@ def resize(images, size: int, region=WHOLE):
     """[N, H, W, C] -> [N, size, size, C]: the region (y0, y1, x0, x1 fractions, one [4] for
     all frames or one per frame [N, 4]; default the whole frame, then a no-op at that size)
     resampled."""
-    if isinstance(region, (tuple, list)) and tuple(region) == WHOLE and images.shape[1:3] == (size, size):
+    static = isinstance(region, (tuple, list))
+    if static and tuple(region) == WHOLE and images.shape[1:3] == (size, size):
         return images
     r = jnp.broadcast_to(jnp.asarray(region, jnp.float32), (images.shape[0], 4))
     yxhw = jnp.stack([r[:, 0], r[:, 2], r[:, 1] - r[:, 0], r[:, 3] - r[:, 2]], -1)
