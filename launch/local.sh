@@ -8,7 +8,8 @@
 #
 # Env: PORT (coordinator port, default random), BIN (the mirage-jax command, default
 # .venv/bin/mirage-jax; may have arguments), DEVICES (fake CPU devices per process; unset
-# keeps XLA_FLAGS as it is). Each process's output is prefixed with [i]; if one fails, the
+# keeps XLA_FLAGS as it is), LD_PRELOAD (default: tcmalloc if the machine has it,
+# launch/tcmalloc.sh). Each process's output is prefixed with [i]; if one fails, the
 # others are stopped.
 set -euo pipefail
 if [ $# -lt 3 ]; then
@@ -23,6 +24,8 @@ if [ -n "${DEVICES:-}" ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$DEVICES"
 fi
 export JAX_PLATFORMS=cpu
+LD_PRELOAD=${LD_PRELOAD:-$("$(dirname "$0")/tcmalloc.sh")}
+export LD_PRELOAD
 pids=()
 for i in $(seq 0 $((N - 1))); do
   # shellcheck disable=SC2086 # BIN may be "python -m mirage_jax.cli"

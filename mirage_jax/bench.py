@@ -12,6 +12,7 @@ would only split the same cores); PyTorch gets as many threads. The parameters a
 PyTorch takes the JAX step's flow inputs (noised streams, targets, weights), and its step-0
 loss must equal JAX's (rel. 1e-4) or the bench fails. FLOPs are model FLOPs counted from
 the step's jaxpr (`plan.model_step_flops`): XLA's `cost_analysis()` counts a scanned layer once.
+The report names the process's malloc (`host_malloc`): on a CPU it moves the JAX step.
 """
 from __future__ import annotations
 
@@ -35,6 +36,18 @@ from mirage_jax.train.step import MODEL_KEYS, compile_step, dit_flow_inputs
 
 PEAK_N = 2048  # square matmul for the peak: large enough to be compute-bound on a CPU
 LOSS_RTOL = 1e-4  # torch's step-0 loss against JAX's: the same computation or no comparison
+
+
+def host_malloc() -> str:
+    """The malloc this process runs on: 'tcmalloc', 'jemalloc' or 'glibc' ('unknown' without
+    /proc). XLA:CPU allocates a step's buffers afresh on every call, and glibc hands large
+    blocks back to the kernel when they are freed, so each step faults them in again;
+    tcmalloc keeps them (`launch/tcmalloc.sh`; the demo step 0.78x on this CPU, README)."""
+    try:
+        maps = pathlib.Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    return next((m for m in ("tcmalloc", "jemalloc") if f"lib{m}" in maps), "glibc")
 
 
 def train_step_rate(cfg, steps: int = 10) -> dict:
@@ -272,6 +285,7 @@ def _jax_side(cfg, batch: dict, peak_n: int):
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     mm = model_matmul(cfg)
     r = {"threads": len(os.sched_getaffinity(0)), "device": jax.local_devices()[0].platform,
+         "malloc": host_malloc(),
          "params": sum(x.size for x in jax.tree.leaves(setup.abstract["params"])),
          "global_batch": cfg.data.global_batch,
          "tokens_per_step": tokens_per_example(cfg) * cfg.data.global_batch,
@@ -340,7 +354,8 @@ def report_train(r: dict) -> str:
     g = 1e9
     lines = [
         (f"{r['params']:,} parameters; batch {r['global_batch']} ({r['tokens_per_step']:,} "
-         f"tokens); {r['dtype']}; {r['device']}, {r['threads']} threads for XLA and torch"),
+         f"tokens); {r['dtype']}; {r['device']}, {r['threads']} threads for XLA and torch; "
+         f"malloc: {r['malloc']}"),
         (f"matmul peak {r['peak_flops_per_s'] / g:.1f} GFLOP/s ({r['peak_matmul']}, XLA, fastest"
          f" of 10; start/end {'/'.join(f'{p / g:.1f}' for p in r['peak_flops_per_s_start_end'])})"),
         f"model-shaped matmul {r['model_matmul']}: XLA {r['model_matmul_flops_per_s'] / g:.1f}"
@@ -367,6 +382,9 @@ def report_train(r: dict) -> str:
             f"JAX / {k.removeprefix('jax_over_')} {v:.2f}" for k, v in r["ratios"].items()))
     if "torch_skipped" in r:
         lines.append(f"PyTorch skipped: {r['torch_skipped']}")
+    if r["device"] == "cpu" and r["malloc"] == "glibc":
+        lines.append("note: glibc malloc: XLA:CPU faults each step's buffers in afresh; "
+                     "LD_PRELOAD=$(launch/tcmalloc.sh) keeps them (README, Benchmarks)")
     if r["others_cpu_share"] > 0.1:
         lines.append(f"warning: other processes took {r['others_cpu_share']:.0%} of the CPU "
                      "time while the steps ran; torch's OpenMP threads slow down far more than "

@@ -2,6 +2,9 @@
 the JAX step's loss and gradient norm on the same inputs. No speed is asserted."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,9 +46,27 @@ def test_bench_train_tiny():
     assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
     text = bench.report_train(r)
     assert "JAX / torch_compile" in text and "MFU" in text
+    assert f"malloc: {r['malloc']}" in text
+    assert ("note: glibc malloc" in text) == (r["malloc"] == "glibc")
     without = {k: v for k, v in r.items() if not k.startswith("torch")} | {
         "ratios": {}, "torch_skipped": "torch is not installed"}
     assert "PyTorch skipped: torch is not installed" in bench.report_train(without)
+
+
+def test_host_malloc_names_the_preloaded_allocator():
+    """The report names the malloc, which moves XLA:CPU's step; tcmalloc.sh finds it."""
+    def malloc(env):
+        code = "from mirage_jax.bench import host_malloc; print(host_malloc())"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    assert malloc(env) == "glibc"
+    lib = subprocess.run([REPO / "launch" / "tcmalloc.sh"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    if not lib:
+        pytest.skip("no tcmalloc on this machine (apt-get install libtcmalloc-minimal4)")
+    assert malloc(env | {"LD_PRELOAD": lib}) == "tcmalloc"
 
 
 def test_bench_train_needs_one_micro_batch():
