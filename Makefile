@@ -16,7 +16,7 @@ $(BIN)/mirage-jax: setup.py
 install: $(BIN)/mirage-jax
 
 demo: install
-	LD_PRELOAD=$(PRELOAD) $(BIN)/mirage-jax demo --workdir demo_out
+	LD_PRELOAD=$${LD_PRELOAD:-$(PRELOAD)} $(BIN)/mirage-jax demo --workdir demo_out
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests  # whole files, heaviest first (tests/conftest.py)
