@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# tcmalloc where the machine has it: XLA:CPU's train step is 0.78x with it (launch/tcmalloc.sh)
+# tcmalloc where the machine has it: the demo DiT's XLA:CPU step is 0.76x with it (launch/tcmalloc.sh)
 PRELOAD := $(shell launch/tcmalloc.sh)
 
 .PHONY: install demo test clean
