@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
         ref_time=-4.0,  # time coordinate of the reference image, in video frames
         scan_layers=True,
         remat="none",  # none | full | save_dots | offload
-        attention="xla",  # xla (reference) | blockwise (any backend) | cudnn (GPU) | splash (TPU)
+        attention="xla",  # xla (reference) | blockwise (any) | flash_cpu | cudnn | splash
         attention_block=512,  # query/key block of blockwise and splash attention
         dtype="float32",  # compute dtype: float32 | bfloat16
         param_dtype="float32",
@@ -274,7 +274,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (d.video == "pixels" or (d.frames - 1) % cfg.vae.temporal_factor == 0, "data.frames",
          d.frames),
         (m.remat in ("none", "full", "save_dots", "offload"), "model.remat", m.remat),
-        (m.attention in ("xla", "blockwise", "cudnn", "splash"), "model.attention", m.attention),
+        (m.attention in ("xla", "blockwise", "flash_cpu", "cudnn", "splash"), "model.attention",
+         m.attention),
         (m.attention_block > 0, "model.attention_block", m.attention_block),
         (m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype),
         (m.param_dtype in ("float32", "bfloat16"), "model.param_dtype", m.param_dtype),

@@ -73,6 +73,11 @@ def simulate_devices(n: int) -> None:
                          f"run `mirage-jax plan` in a fresh process")
 
 
+# N x N x D matmuls of the fused CPU attention's calls (flash_cpu.cc): forward Q K^T and
+# P V; backward Q K^T again (recomputed), dO V^T, P^T dO, dS^T Q and dS K.
+KERNEL_MATMULS = {"MirageFlashFwd": 2, "MirageFlashBwd": 5}
+
+
 def count_flops(jaxpr, scale: float = 1.0) -> float:
     """FLOPs of the matmuls and convolutions in a jaxpr, with scan bodies times their length
     (a while loop, of unknown trip count, once; a cond, its costliest branch)."""
@@ -94,6 +99,9 @@ def count_flops(jaxpr, scale: float = 1.0) -> float:
             # it inserts: about 1 / prod(lhs_dilation) of its taps are real.
             per_output /= math.prod(params.get("lhs_dilation") or (1,))
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+        elif name == "ffi_call" and params["target_name"] in KERNEL_MATMULS:
+            b, n, h, d = eqn.invars[0].aval.shape  # q of the fused attention
+            total += 2.0 * KERNEL_MATMULS[params["target_name"]] * b * h * n * n * d
         elif name == "scan":
             total += params["length"] * count_flops(params["jaxpr"])
         elif name == "cond":

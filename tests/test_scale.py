@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,42 @@ def test_blockwise_equals_reference(n, block):
     _check_equal(jax.jit(lambda *a: attn.blockwise(*a, block)), *_qkv(n=n))
 
 
+@pytest.mark.parametrize("n,d", [(37, 16), (130, 32), (64, 64), (20, 128)])
+def test_flash_cpu_equals_reference(n, d):
+    """The fused C++ kernel: outputs and gradients, masked keys, a fully masked example,
+    lengths off and on its 64-row blocks, every head_dim it is built for."""
+    _check_equal(jax.jit(attn.flash_cpu), *_qkv(n=n, d=d))
+
+
+def test_flash_cpu_key_bias_gradient_and_mesh():
+    """A stitch's key bias and its gradient, on a 2x2 (batch, heads) mesh, where the custom
+    call runs per shard; the FLOP counter counts the kernel's matmuls."""
+    q, k, v, w, mask = _qkv(b=2, n=70, h=2, d=32)
+    bias = jax.random.normal(jax.random.key(7), (2, 70, 2))
+    cfg = SimpleNamespace(attention="flash_cpu", attention_block=512)
+    loss = lambda f: lambda q, k, v, b: jnp.sum(f(q, k, v, b) * w)
+    flash = loss(lambda *a: attn.attend(*a[:3], mask, cfg, DEFAULT_RULES, a[3]))
+    want = jax.value_and_grad(loss(lambda *a: attn.reference(*a[:3], mask, a[3])),
+                              (0, 1, 2, 3))(q, k, v, bias)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1},
+                              jax.devices()[:4])
+    spec = sharding.logical_to_mesh(("batch", None, "heads", None), DEFAULT_RULES)
+    grad = jax.jit(jax.value_and_grad(flash, (0, 1, 2, 3)))
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+        got = grad(*args, bias)
+        flops = plan.count_flops(jax.make_jaxpr(grad)(*args, bias))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+    assert flops == 2 * 7 * 2 * 2 * 70 * 70 * 32  # forward 2 matmuls, backward 5
+
+
+def test_flash_cpu_names_a_head_dim_it_lacks():
+    with pytest.raises(ValueError, match="head_dim in .* got model.head_dim=8"):
+        attn.flash_cpu(*_qkv(d=8)[:3], _qkv()[4])
+
+
 def test_splash_kernel_equals_reference_in_interpret_mode():
     """The TPU kernel's wrapper (scale, segment ids from the key mask, padding to blocks,
     shard_map over batch and heads) run by the Pallas interpreter on CPU, on a 2x2 mesh."""
@@ -92,10 +129,11 @@ def test_accelerator_backends_refuse_cpu(backend):
         jax.eval_shape(loss, weights)
 
 
-def test_dit_with_blockwise_attention_equals_xla():
+@pytest.mark.parametrize("backend", ["blockwise", "flash_cpu"])
+def test_dit_with_attention_backend_equals_xla(backend):
     """The backend is wired into the model: same loss and gradients as the reference."""
     cfgs = [load("tiny", f"model.attention={a}", "model.attention_block=128")  # 340 tokens
-            for a in ("xla", "blockwise")]
+            for a in ("xla", backend)]
     batch, key = make_batch(cfgs[0]), jax.random.key(3)
     results = []
     for cfg in cfgs:

@@ -111,11 +111,11 @@ def _eqns(jaxpr):
             yield from _eqns(sub)
 
 
-@pytest.mark.parametrize("backend", ["xla", "blockwise"])
+@pytest.mark.parametrize("backend", ["xla", "blockwise", "flash_cpu"])
 def test_ulysses_attention_with_key_bias_and_padding(backend):
     """37 tokens over sequence=4 (padded to 40), a masked-out example and a stitch bias."""
     ks = jax.random.split(jax.random.key(0), 6)
-    q, k, v, w = (jax.random.normal(x, (2, 37, 8, 8)) for x in ks[:4])
+    q, k, v, w = (jax.random.normal(x, (2, 37, 8, 16)) for x in ks[:4])
     bias = jax.random.normal(ks[4], (2, 37, 8))
     mask = jax.random.bernoulli(ks[5], 0.6, (2, 37)).at[-1].set(False)
     cfg = SimpleNamespace(attention=backend, attention_block=16)

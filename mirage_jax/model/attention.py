@@ -8,6 +8,9 @@ for 4 s of 720p (~97k tokens, 0.9 TB of float32 logits per example and layer).
   blockwise  flash-style attention in pure JAX (any backend): an online softmax over key
              blocks inside a map over query blocks; a custom VJP recomputes each block's
              probabilities from the saved row max and sum, so no pass keeps N x N values
+  flash_cpu  a fused C++ kernel for XLA:CPU (flash_cpu.cc via the XLA FFI, compiled on first
+             use), forward and backward: XLA:CPU writes each N x N intermediate of the
+             reference to memory, which at head_dim 32 costs more than the FLOPs
   cudnn      jax.nn.dot_product_attention(implementation="cudnn"): GPU only
   splash     Pallas splash attention (jax.experimental.pallas.ops.tpu): TPU only
 
@@ -31,9 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from mirage_jax.model.flash_cpu import flash_cpu
 from mirage_jax.sharding import _fit, logical_to_mesh
 
-BACKENDS = ("xla", "blockwise", "cudnn", "splash")
+BACKENDS = ("xla", "blockwise", "flash_cpu", "cudnn", "splash")
 MASKED = -1e30  # masked real keys, as in the reference (a fully masked row is uniform)
 
 
@@ -217,17 +221,24 @@ def cudnn(q, k, v, key_mask, key_bias=None, implementation="cudnn"):
     )
 
 
+def per_shard(kernel, rules, q, k, v, key_mask, *key_bias):
+    """`kernel` on each device's batch and head shard, in `shard_map` under a mesh: the SPMD
+    partitioner cannot split a custom call or a Pallas kernel, and would gather its inputs."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, key_mask, *key_bias)
+    spec = _fit(logical_to_mesh(("batch", None, "heads", None), rules), q.shape, mesh)
+    specs = (spec, spec, spec, P(spec[0], None), P(spec[0], None, spec[2]))
+    return jax.shard_map(kernel, in_specs=specs[:4 + len(key_bias)], out_specs=spec,
+                         check_vma=False)(q, k, v, key_mask, *key_bias)
+
+
 def splash(q, k, v, key_mask, rules, block=512, interpret=False):
     """Pallas splash attention on TPU. The key mask becomes kv segment ids (1 = masked; every
     query is segment 0), the sequence is padded to the block size, and under a mesh the
-    kernel runs per shard in `shard_map` over the batch and head axes."""
+    kernel runs per shard (`per_shard`)."""
     kernel = functools.partial(_splash_local, block=block, interpret=interpret)
-    if jax.sharding.get_abstract_mesh().empty:
-        return kernel(q, k, v, key_mask)
-    spec = logical_to_mesh(("batch", None, "heads", None), rules)
-    ids = P(spec[0], None)
-    return jax.shard_map(kernel, in_specs=(spec, spec, spec, ids), out_specs=spec,
-                         check_vma=False)(q, k, v, key_mask)
+    return per_shard(kernel, rules, q, k, v, key_mask)
 
 
 def _splash_local(q, k, v, key_mask, block=512, interpret=False):
@@ -315,6 +326,8 @@ def _backend(model_cfg, key_bias):
         return reference
     if name == "blockwise":
         return lambda q, k, v, m, b=None: blockwise(q, k, v, m, block, b)
+    if name == "flash_cpu":
+        return flash_cpu
     if name == "cudnn":
         return cudnn
     if key_bias is not None:  # the kernel takes segment ids, not an additive bias
@@ -334,4 +347,6 @@ def attend(q, k, v, key_mask, model_cfg, rules, key_bias=None):
         return ulysses(local, q, k, v, key_mask, key_bias, rules)
     if model_cfg.attention == "splash":  # a Pallas kernel needs its own shard_map
         return splash(q, k, v, key_mask, rules, model_cfg.attention_block)
+    if model_cfg.attention == "flash_cpu":  # so does a custom call
+        return per_shard(local, rules, q, k, v, key_mask, *([] if key_bias is None else [key_bias]))
     return local(q, k, v, key_mask, key_bias)
