@@ -7,6 +7,8 @@ setup(
     version="0.1.0",
     description="Mirage audio-to-video diffusion transformer in JAX/Flax NNX",
     packages=find_packages(include=["mirage_jax", "mirage_jax.*"]),
+    # model.attention=flash_cpu compiles this on first use (mirage_jax/model/flash_cpu.py)
+    package_data={"mirage_jax.model": ["flash_cpu.cc"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",

@@ -2,6 +2,8 @@
 seconds are not comparable between runs, ratios measured side by side are).
 
   mirage-jax bench data --config C    pipeline examples/s next to what the train step consumes
+  mirage-jax bench attention --config C   the joint attention's backends alone, forward +
+                                      backward at the config's shape (and torch's SDPA)
   mirage-jax bench train --config C   the train step: step time, tokens/s and MFU against a
                                       matmul peak measured in the same process, and the same
                                       model and batch in PyTorch (eager, torch.compile)
@@ -17,6 +19,7 @@ The report names the process's malloc (`host_malloc`): on a CPU it moves the JAX
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import pathlib
 import statistics
@@ -83,6 +86,83 @@ def bench_data_vs_step(cfg, seconds: float = 10.0, steps: int = 10) -> dict:
         "ratio": data_rate / step["examples_per_s"],
         "workers": data["workers"],
     }
+
+
+# ----------------------------------------------------------------------------- bench attention
+
+
+def bench_attention(cfg, reps: int = 5, rounds: int = 3, use_torch: bool = True) -> dict:
+    """Forward + backward of the joint attention alone at `cfg`'s shape (global batch,
+    tokens per example, heads, head_dim; 10 % of keys masked), for each backend this platform
+    runs in float32 (xla, blockwise; flash_cpu on a CPU) and, with torch installed, PyTorch's
+    fused `scaled_dot_product_attention`; timed in turns, medians, each checked equal to the
+    reference (outputs and q-gradient, 1e-4)."""
+    from mirage_jax.model import attention
+
+    m = cfg.model
+    shape = (cfg.data.global_batch, tokens_per_example(cfg), m.num_heads, m.head_dim)
+    ks = jax.random.split(jax.random.key(0), 5)
+    q, k, v, dout = (jax.random.normal(x, shape) for x in ks[:4])
+    mask = jax.random.uniform(ks[4], shape[:2]) > 0.1
+    names = ["xla", "blockwise"] + (["flash_cpu"] if jax.default_backend() == "cpu" else [])
+
+    def fwd_bwd(name, q, k, v, mask, dout):  # arguments, not constants XLA could fold
+        sub = copy.deepcopy(m)
+        sub.attention = name
+        fn = attention._backend(sub, None)
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+        return (out, *vjp(dout))
+
+    jitted = {n: jax.jit(functools.partial(fwd_bwd, n)) for n in names}
+    runners = {n: (lambda f=f: jax.block_until_ready(f(q, k, v, mask, dout)))
+               for n, f in jitted.items()}
+    want = jax.device_get(runners["xla"]())
+    err = {}
+    for n, f in runners.items():
+        got = jax.device_get(f())
+        err[n] = max(float(np.abs(got[i] - want[i]).max()) for i in (0, 1))
+    if use_torch and _have_torch():
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        tq, tk, tv, tdo = (torch.from_numpy(np.asarray(x)).transpose(1, 2).contiguous()
+                           for x in (q, k, v, dout))
+        tmask = torch.from_numpy(np.asarray(mask))[:, None, None, :]
+
+        def torch_sdpa():
+            a, b, c = (x.detach().requires_grad_() for x in (tq, tk, tv))
+            out = torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=tmask)
+            out.backward(tdo)
+            return out.transpose(1, 2), a.grad.transpose(1, 2)
+
+        got = [x.detach().numpy() for x in torch_sdpa()]
+        err["torch_sdpa"] = max(float(np.abs(got[i] - want[i]).max()) for i in (0, 1))
+        runners["torch_sdpa"] = torch_sdpa
+    bad = {n: e for n, e in err.items() if e > 1e-4}
+    if bad:
+        raise RuntimeError(f"bench attention: backends differ from the reference: {bad}")
+    for f in runners.values():
+        f()
+    times = {n: [] for n in runners}
+    for _ in range(rounds):
+        for n, f in runners.items():
+            times[n] += [_timed(f) for _ in range(reps)]
+    b, n, h, d = shape
+    flops = 2.0 * 7 * b * h * n * n * d  # QK^T, PV; backward dP, dV, dQ, dK (+ QK^T recomputed)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {"shape": list(shape), "ms": ms, "max_abs_err": err,
+            "gflops_per_s": {name: flops / t / 1e6 for name, t in ms.items()},
+            "over_xla": {name: t / ms["xla"] for name, t in ms.items()}}
+
+
+def report_attention(r: dict) -> str:
+    lines = [f"attention forward + backward, q/k/v {r['shape']} (B, N, H, D), 10 % keys masked",
+             f"{'':12}{'ms':>9}{'GFLOP/s':>9}{'/ xla':>8}{'max err':>10}"]
+    for name, ms in r["ms"].items():
+        lines.append(f"{name:12}{ms:9.1f}{r['gflops_per_s'][name]:9.1f}"
+                     f"{r['over_xla'][name]:8.2f}{r['max_abs_err'][name]:10.1e}")
+    lines.append("GFLOP/s counts 7 N x N x D matmuls (forward 2, backward 4 + 1 recomputed)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- bench train

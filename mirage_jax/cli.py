@@ -8,6 +8,7 @@ mirage-jax export --checkpoint VAE_RUN --out vae_export [--no-ema] [--dtype bflo
 mirage-jax import-torch vae_export --out VAE_RUN_AGAIN
 mirage-jax bench data --config configs/demo.py
 mirage-jax bench train --config configs/demo.py [--steps 5] [--rounds 3] [--out bench.json]
+mirage-jax bench attention --config configs/demo.py
 mirage-jax probe --checkpoint AMDIM_RUN --data_dir DATA --out probe.json
 mirage-jax sync-calibrate --checkpoint SYNC_RUN --data_dir DATA --out calibration.json
 mirage-jax evaluate --checkpoint DIT_RUN --judge SYNC_RUN --num_examples 32 --out eval/
@@ -205,6 +206,9 @@ def _bench(args, overrides):
         print(f"pipeline {r['pipeline_examples_per_s']:.1f} examples/s ({r['workers']} workers) vs "
               f"train step {r['train_step_examples_per_s']:.1f} examples/s: "
               f"ratio {r['ratio']:.2f}")
+    elif args.what == "attention":
+        r = bench.bench_attention(cfg, reps=args.steps, rounds=args.rounds, use_torch=args.torch)
+        print(bench.report_attention(r))
     else:
         r = bench.bench_train(cfg, steps=args.steps, rounds=args.rounds, use_torch=args.torch,
                               compile_backend="inductor" if args.compile else None)
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="workdir of the new run")
     p.set_defaults(run=_import_torch)
     p = sub.add_parser("bench", help="throughput as ratios measured in one run")
-    p.add_argument("what", choices=["data", "train"])
+    p.add_argument("what", choices=["data", "attention", "train"])
     p.add_argument("--config", required=True)
     p.add_argument("--seconds", type=float, default=10.0, help="data: seconds of the pipeline")
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per round")

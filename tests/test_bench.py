@@ -1,5 +1,6 @@
-"""`mirage-jax bench train`: the figures are there and sane, and the PyTorch step computes
-the JAX step's loss and gradient norm on the same inputs. No speed is asserted."""
+"""`mirage-jax bench train` and `bench attention`: the figures are there and sane, and the
+PyTorch step computes the JAX step's loss and gradient norm on the same inputs. No speed is
+asserted."""
 
 import math
 import os
@@ -51,6 +52,17 @@ def test_bench_train_tiny():
     without = {k: v for k, v in r.items() if not k.startswith("torch")} | {
         "ratios": {}, "torch_skipped": "torch is not installed"}
     assert "PyTorch skipped: torch is not installed" in bench.report_train(without)
+
+
+def test_bench_attention_tiny():
+    """Every CPU backend and torch's SDPA, timed and checked against the reference."""
+    cfg = config.load(REPO / "configs" / "tiny.py", [])
+    r = bench.bench_attention(cfg, reps=1, rounds=1)
+    assert r["shape"] == [cfg.data.global_batch, 340, 4, 16]
+    assert set(r["ms"]) == {"xla", "blockwise", "flash_cpu", "torch_sdpa"}
+    assert all(e < 1e-4 for e in r["max_abs_err"].values()), r["max_abs_err"]
+    assert r["over_xla"]["xla"] == 1 and all(v > 0 for v in r["ms"].values())
+    assert "flash_cpu" in bench.report_attention(r)
 
 
 def test_host_malloc_names_the_preloaded_allocator():
