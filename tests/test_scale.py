@@ -106,6 +106,16 @@ def test_flash_cpu_names_a_head_dim_it_lacks():
         attn.flash_cpu(*_qkv(d=8)[:3], _qkv()[4])
 
 
+def test_flash_cpu_without_a_compiler_says_so(tmp_path, monkeypatch):
+    from mirage_jax.model import flash_cpu
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("MIRAGE_JAX_CACHE", str(tmp_path / "cache"))  # nothing built there
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler .* model.attention='xla'"):
+        flash_cpu.library_path()
+
+
 def test_splash_kernel_equals_reference_in_interpret_mode():
     """The TPU kernel's wrapper (scale, segment ids from the key mask, padding to blocks,
     shard_map over batch and heads) run by the Pallas interpreter on CPU, on a 2x2 mesh."""

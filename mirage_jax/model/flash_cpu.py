@@ -41,12 +41,12 @@ def _cpu_id() -> str:
 
 def library_path() -> Path:
     """The compiled kernel, built now unless the cache holds one for this source and CPU."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    cxx = shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
     if cxx is None:
         raise RuntimeError(
-            "model.attention='flash_cpu' compiles mirage_jax/model/flash_cpu.cc on first use "
-            "and found no C++ compiler (set CXX, or install g++); model.attention='xla' "
-            "needs none")
+            f"model.attention='flash_cpu' compiles {SOURCE.name} on first use and found no C++ "
+            f"compiler (CXX={os.environ.get('CXX', '')!r}, no c++ or g++ on PATH; install g++ "
+            "or set CXX); model.attention='xla' needs none")
     include = jax.ffi.include_dir()
     key = hashlib.sha256("\0".join(
         [SOURCE.read_text(), cxx, *_FLAGS, jax.__version__, _cpu_id()]).encode()).hexdigest()
