@@ -18,7 +18,7 @@ def get_config():
     c.model.time_dim = 128
     c.model.patch = 4
     # XLA:CPU: the fused attention kernel and unrolled layers (4 of them: compile time is
-    # small) take the step to 0.52x (README, Benchmarks); on an accelerator pick its backend.
+    # small) take the step to about 0.5x (README, Benchmarks); on an accelerator pick its backend.
     c.model.attention = "flash_cpu"
     c.model.scan_layers = False
     c.data.dataset = "synthetic_aroll/small_32px_50f"
