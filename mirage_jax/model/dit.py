@@ -111,10 +111,10 @@ class StreamLayer(nnx.Module):
 
     def qkv(self, h, heads):
         # One dot for q, k and v, their kernels stacked on a new axis (each stays sharded on
-        # its own heads): fewer, larger matmuls, and the backward transposes h once.
-        dt = self.q.dtype
-        w = jnp.stack([l.kernel[...] for l in (self.q, self.k, self.v)], 1).astype(dt)
-        b = jnp.stack([l.bias[...] for l in (self.q, self.k, self.v)], 0).astype(dt)
+        # its own heads): fewer, larger matmuls (the demo's XLA:CPU step 0.96x; README).
+        dt, projections = self.q.dtype, (self.q, self.k, self.v)
+        w = jnp.stack([p.kernel[...] for p in projections], 1).astype(dt)
+        b = jnp.stack([p.bias[...] for p in projections], 0).astype(dt)
         y = jnp.einsum("...w,wti->...ti", h.astype(dt), w) + b
         q, k, v = (y[..., i, :].reshape(*y.shape[:-2], heads, -1) for i in range(3))
         q = self.q_norm(q.astype(jnp.float32))
