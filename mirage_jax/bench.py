@@ -365,7 +365,8 @@ def _jax_side(cfg, batch: dict, peak_n: int):
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     mm = model_matmul(cfg)
     r = {"threads": len(os.sched_getaffinity(0)), "device": jax.local_devices()[0].platform,
-         "malloc": host_malloc(),
+         "malloc": host_malloc(), "attention": cfg.model.attention,
+         "layers": "scanned" if cfg.model.scan_layers else "unrolled",
          "params": sum(x.size for x in jax.tree.leaves(setup.abstract["params"])),
          "global_batch": cfg.data.global_batch,
          "tokens_per_step": tokens_per_example(cfg) * cfg.data.global_batch,
@@ -435,7 +436,7 @@ def report_train(r: dict) -> str:
     lines = [
         (f"{r['params']:,} parameters; batch {r['global_batch']} ({r['tokens_per_step']:,} "
          f"tokens); {r['dtype']}; {r['device']}, {r['threads']} threads for XLA and torch; "
-         f"malloc: {r['malloc']}"),
+         f"malloc: {r['malloc']}; attention {r['attention']}, layers {r['layers']}"),
         (f"matmul peak {r['peak_flops_per_s'] / g:.1f} GFLOP/s ({r['peak_matmul']}, XLA, fastest"
          f" of 10; start/end {'/'.join(f'{p / g:.1f}' for p in r['peak_flops_per_s_start_end'])})"),
         f"model-shaped matmul {r['model_matmul']}: XLA {r['model_matmul_flops_per_s'] / g:.1f}"

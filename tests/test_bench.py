@@ -47,7 +47,7 @@ def test_bench_train_tiny():
     assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
     text = bench.report_train(r)
     assert "JAX / torch_compile" in text and "MFU" in text
-    assert f"malloc: {r['malloc']}" in text
+    assert f"malloc: {r['malloc']}; attention xla, layers scanned" in text
     assert ("note: glibc malloc" in text) == (r["malloc"] == "glibc")
     without = {k: v for k, v in r.items() if not k.startswith("torch")} | {
         "ratios": {}, "torch_skipped": "torch is not installed"}
