@@ -41,12 +41,13 @@ def _cpu_id() -> str:
 
 def library_path() -> Path:
     """The compiled kernel, built now unless the cache holds one for this source and CPU."""
-    cxx = shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
+    asked = os.environ.get("CXX")  # a compiler the user names is the one used, or an error
+    cxx = shutil.which(asked) if asked else shutil.which("c++") or shutil.which("g++")
     if cxx is None:
+        where = f"CXX={asked!r} is not a program" if asked else "no c++ or g++ on PATH"
         raise RuntimeError(
             f"model.attention='flash_cpu' compiles {SOURCE.name} on first use and found no C++ "
-            f"compiler (CXX={os.environ.get('CXX', '')!r}, no c++ or g++ on PATH; install g++ "
-            "or set CXX); model.attention='xla' needs none")
+            f"compiler ({where}; install g++ or set CXX); model.attention='xla' needs none")
     include = jax.ffi.include_dir()
     key = hashlib.sha256("\0".join(
         [SOURCE.read_text(), cxx, *_FLAGS, jax.__version__, _cpu_id()]).encode()).hexdigest()
