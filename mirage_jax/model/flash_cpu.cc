@@ -30,11 +30,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int VL = 16;  // floats per vector register
-#elif defined(__AVX__) || defined(__ARM_NEON)
+constexpr int VL = 16;  // floats per vector register (a tuning constant, not a requirement)
+#elif defined(__AVX__)
 constexpr int VL = 8;
 #else
-constexpr int VL = 4;
+constexpr int VL = 4;  // SSE, NEON
 #endif
 constexpr int REGS = 16;            // accumulator registers a micro-tile may hold
 constexpr int BQ = 64;              // query rows per block
