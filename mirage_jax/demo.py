@@ -127,6 +127,11 @@ def run(workdir, overrides=(), data_dir: str | None = None, vae=None) -> dict:
 
     workdir = pathlib.Path(workdir)
     data_dir = pathlib.Path(data_dir or workdir / "data")
+    if config_lib.load(REPO / "configs" / "latent_demo.py", list(overrides)).model.attention \
+            == "flash_cpu":  # build the CPU attention kernel now: no compiler fails here
+        from mirage_jax.model import flash_cpu
+
+        flash_cpu.library_path()
     synthetic_aroll.prepare("small", str(data_dir))
     sentences = set(tfds_sentences(data_dir))
     if SENTENCE in sentences or CONTROL in sentences:
