@@ -117,10 +117,8 @@ def bench_attention(cfg, reps: int = 5, rounds: int = 3, use_torch: bool = True)
     runners = {n: (lambda f=f: jax.block_until_ready(f(q, k, v, mask, dout)))
                for n, f in jitted.items()}
     want = jax.device_get(runners["xla"]())
-    err = {}
-    for n, f in runners.items():
-        got = jax.device_get(f())
-        err[n] = max(float(np.abs(got[i] - want[i]).max()) for i in (0, 1))
+    diff = lambda got: max(float(np.abs(np.asarray(got[i]) - want[i]).max()) for i in (0, 1))
+    err = {n: diff(jax.device_get(f())) for n, f in runners.items()}  # output and dq
     if use_torch and _have_torch():
         import torch
 
@@ -135,8 +133,7 @@ def bench_attention(cfg, reps: int = 5, rounds: int = 3, use_torch: bool = True)
             out.backward(tdo)
             return out.transpose(1, 2), a.grad.transpose(1, 2)
 
-        got = [x.detach().numpy() for x in torch_sdpa()]
-        err["torch_sdpa"] = max(float(np.abs(got[i] - want[i]).max()) for i in (0, 1))
+        err["torch_sdpa"] = diff([x.detach().numpy() for x in torch_sdpa()])
         runners["torch_sdpa"] = torch_sdpa
     bad = {n: e for n, e in err.items() if e > 1e-4}
     if bad:

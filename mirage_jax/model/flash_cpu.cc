@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -93,9 +94,19 @@ float* scratch(int slot, size_t floats) {
   return bufs[slot].data();
 }
 
-// One (batch, head) pair's strided views: row n of q is q + n * ld.
+struct Dims {
+  int64_t b, n, h, d;
+};
+
+// One work item, a (batch, head) pair, and its strided views: token n's row of q is
+// q + base + n * ld, key j's bias is bias[key(j)], row i's saved statistics stat(i).
 struct Head {
-  int64_t n, np, ld;  // tokens, tokens padded to JC, row stride (H * D)
+  int64_t item, b, hh, heads, n, np, ld, base;  // np: tokens padded to JC; ld: H * D
+  Head(const Dims& g, int64_t i)
+      : item(i), b(i / g.h), hh(i % g.h), heads(g.h), n(g.n), np((g.n + JC - 1) / JC * JC),
+        ld(g.h * g.d), base(b * g.n * ld + hh * g.d) {}
+  int64_t key(int64_t j) const { return (b * n + j) * heads + hh; }
+  int64_t stat(int64_t i) const { return item * n + i; }
 };
 
 // S[BQ][np] = A[BQ][D] @ Bt[D][np]: the scores (A = scaled queries) or dP (A = dO).
@@ -171,12 +182,11 @@ void pack_rows(const float* x, const Head& h, int64_t i0, int rows, float scale,
 }
 
 // Per-key logit offset: keep[j] (1 attended, 0 masked or padding) and the added bias.
-void key_terms(const bool* mask, const float* bias, int64_t h_stride, const Head& h,
-               float* keep, float* add) {
+void key_terms(const bool* mask, const float* bias, const Head& h, float* keep, float* add) {
   for (int64_t j = 0; j < h.np; ++j) {
-    const bool on = j < h.n && mask[j];
+    const bool on = j < h.n && mask[h.b * h.n + j];
     keep[j] = on ? 1.0f : 0.0f;
-    add[j] = on ? bias[j * h_stride] : 0.0f;
+    add[j] = on ? bias[h.key(j)] : 0.0f;
   }
 }
 
@@ -189,10 +199,6 @@ void mask_logits(float* s, int64_t np, int64_t n, const float* keep, const float
   }
 }
 
-struct Dims {
-  int64_t b, n, h, d;
-};
-
 Dims dims_of(ffi::AnyBuffer q) {
   auto s = q.dimensions();
   return {s[0], s[1], s[2], s[3]};
@@ -201,12 +207,10 @@ Dims dims_of(ffi::AnyBuffer q) {
 template <int D>
 void forward(const Dims& g, const float* q, const float* k, const float* v, const bool* mask,
              const float* bias, float* o, float* rmax, float* rinv, ffi::ThreadPool& pool) {
-  const int64_t np = (g.n + JC - 1) / JC * JC;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   parallel_for(pool, g.b * g.h, [&](int64_t item) {
-    const int64_t b = item / g.h, hh = item % g.h;
-    const Head h{g.n, np, g.h * D};
-    const int64_t base = b * g.n * g.h * D + hh * D;
+    const Head h(g, item);
+    const int64_t np = h.np, base = h.base;
     float* kt = scratch(0, D * np);
     float* qs = scratch(1, BQ * D);
     float* s = scratch(2, BQ * np);
@@ -214,7 +218,7 @@ void forward(const Dims& g, const float* q, const float* k, const float* v, cons
     float* add = keep + np;
     float inv[BQ];
     pack_transposed<D>(k + base, h, kt);
-    key_terms(mask + b * g.n, bias + b * g.n * g.h + hh, g.h, h, keep, add);
+    key_terms(mask, bias, h, keep, add);
     for (int64_t i0 = 0; i0 < g.n; i0 += BQ) {
       const int rows = static_cast<int>(std::min<int64_t>(BQ, g.n - i0));
       pack_rows<D>(q + base, h, i0, rows, scale, qs);
@@ -231,7 +235,7 @@ void forward(const Dims& g, const float* q, const float* k, const float* v, cons
           for (int l = 0; l < VL; ++l) sum[l] += (row[j + l] = exp_(row[j + l] - m));
         float total = 0.0f;
         for (int l = 0; l < VL; ++l) total += sum[l];
-        const int64_t stat = (b * g.h + hh) * g.n + i0 + r;
+        const int64_t stat = h.stat(i0 + r);
         rmax[stat] = m;
         rinv[stat] = inv[r] = 1.0f / total;
       }
@@ -245,12 +249,10 @@ void backward(const Dims& g, const float* q, const float* k, const float* v, con
               const float* bias, const float* o, const float* rmax, const float* rinv,
               const float* dout, float* dq, float* dk, float* dv, float* dbias,
               ffi::ThreadPool& pool) {
-  const int64_t np = (g.n + JC - 1) / JC * JC;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   parallel_for(pool, g.b * g.h, [&](int64_t item) {
-    const int64_t b = item / g.h, hh = item % g.h;
-    const Head h{g.n, np, g.h * D};
-    const int64_t base = b * g.n * g.h * D + hh * D;
+    const Head h(g, item);
+    const int64_t np = h.np, base = h.base;
     float* kt = scratch(0, 2 * D * np);
     float* vt = kt + D * np;
     float* qs = scratch(1, 2 * BQ * D);
@@ -269,7 +271,7 @@ void backward(const Dims& g, const float* q, const float* k, const float* v, con
     std::fill(ones, ones + BQ, scale);
     pack_transposed<D>(k + base, h, kt);
     pack_transposed<D>(v + base, h, vt);
-    key_terms(mask + b * g.n, bias + b * g.n * g.h + hh, g.h, h, keep, add);
+    key_terms(mask, bias, h, keep, add);
     for (int64_t i0 = 0; i0 < g.n; i0 += BQ) {
       const int rows = static_cast<int>(std::min<int64_t>(BQ, g.n - i0));
       pack_rows<D>(q + base, h, i0, rows, scale, qs);
@@ -285,7 +287,7 @@ void backward(const Dims& g, const float* q, const float* k, const float* v, con
           std::memset(dsr, 0, sizeof(float) * np);
           continue;
         }
-        const int64_t stat = (b * g.h + hh) * g.n + i0 + r;
+        const int64_t stat = h.stat(i0 + r);
         const float m = rmax[stat], inv = rinv[stat];
         float delta = 0.0f;
         const float* orow = o + base + (i0 + r) * h.ld;
@@ -303,33 +305,23 @@ void backward(const Dims& g, const float* q, const float* k, const float* v, con
     for (int64_t j = 0; j < g.n; ++j) {
       std::memcpy(dk + base + j * h.ld, dka + j * D, sizeof(float) * D);
       std::memcpy(dv + base + j * h.ld, dva + j * D, sizeof(float) * D);
-      dbias[(b * g.n + j) * g.h + hh] = db[j];
+      dbias[h.key(j)] = db[j];
     }
   });
 }
 
-template <template <int> class Kernel, typename... Args>
-ffi::Error dispatch(int64_t d, Args&&... args) {
+// kernel(std::integral_constant<int, D>) for the head_dim d the kernels are built for.
+template <typename F>
+ffi::Error dispatch(int64_t d, F kernel) {
   switch (d) {
-    case 16: Kernel<16>::run(args...); return ffi::Error::Success();
-    case 32: Kernel<32>::run(args...); return ffi::Error::Success();
-    case 64: Kernel<64>::run(args...); return ffi::Error::Success();
-    case 128: Kernel<128>::run(args...); return ffi::Error::Success();
+    case 16: kernel(std::integral_constant<int, 16>{}); break;
+    case 32: kernel(std::integral_constant<int, 32>{}); break;
+    case 64: kernel(std::integral_constant<int, 64>{}); break;
+    case 128: kernel(std::integral_constant<int, 128>{}); break;
+    default: return ffi::Error::InvalidArgument("flash_cpu: head_dim must be 16, 32, 64 or 128");
   }
-  return ffi::Error::InvalidArgument("flash_cpu: head_dim must be 16, 32, 64 or 128");
+  return ffi::Error::Success();
 }
-
-template <int D>
-struct Forward {
-  template <typename... A>
-  static void run(A&&... a) { forward<D>(a...); }
-};
-
-template <int D>
-struct Backward {
-  template <typename... A>
-  static void run(A&&... a) { backward<D>(a...); }
-};
 
 const float* f32(ffi::AnyBuffer x) { return reinterpret_cast<const float*>(x.untyped_data()); }
 float* f32(ffi::Result<ffi::AnyBuffer> x) { return reinterpret_cast<float*>(x->untyped_data()); }
@@ -338,9 +330,11 @@ ffi::Error FlashFwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                     ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> o,
                     ffi::Result<ffi::AnyBuffer> rmax, ffi::Result<ffi::AnyBuffer> rinv) {
   const Dims g = dims_of(q);
-  return dispatch<Forward>(g.d, g, f32(q), f32(k), f32(v),
-                           reinterpret_cast<const bool*>(mask.untyped_data()), f32(bias),
-                           f32(o), f32(rmax), f32(rinv), pool);
+  const bool* m = reinterpret_cast<const bool*>(mask.untyped_data());
+  return dispatch(g.d, [&](auto dim) {
+    forward<decltype(dim)::value>(g, f32(q), f32(k), f32(v), m, f32(bias), f32(o), f32(rmax),
+                                  f32(rinv), pool);
+  });
 }
 
 ffi::Error FlashBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -349,39 +343,32 @@ ffi::Error FlashBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                     ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias) {
   const Dims g = dims_of(q);
-  return dispatch<Backward>(g.d, g, f32(q), f32(k), f32(v),
-                            reinterpret_cast<const bool*>(mask.untyped_data()), f32(bias),
-                            f32(o), f32(rmax), f32(rinv), f32(dout), f32(dq), f32(dk), f32(dv),
-                            f32(dbias), pool);
+  const bool* m = reinterpret_cast<const bool*>(mask.untyped_data());
+  return dispatch(g.d, [&](auto dim) {
+    backward<decltype(dim)::value>(g, f32(q), f32(k), f32(v), m, f32(bias), f32(o), f32(rmax),
+                                   f32(rinv), f32(dout), f32(dq), f32(dk), f32(dv), f32(dbias),
+                                   pool);
+  });
+}
+
+// `binding` followed by Args buffer arguments, then Rets (>= 1) buffer results. Bindings
+// cannot be copied or moved, only extended, so it recurses on the temporaries. The handler
+// macros below take it in parentheses: their arguments split at its comma.
+template <int Args, int Rets, typename B>
+auto buffers(B&& binding) {
+  static_assert(Rets > 0);
+  if constexpr (Args > 0)
+    return buffers<Args - 1, Rets>(std::move(binding).template Arg<ffi::AnyBuffer>());
+  else if constexpr (Rets > 1)
+    return buffers<0, Rets - 1>(std::move(binding).template Ret<ffi::AnyBuffer>());
+  else
+    return std::move(binding).template Ret<ffi::AnyBuffer>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MirageFlashFwd, FlashFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MirageFlashFwd, FlashFwd,  // q k v mask bias -> o rmax rinv
+                              (buffers<5, 3>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MirageFlashBwd, FlashBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MirageFlashBwd, FlashBwd,  // ... o rmax rinv dout -> dq dk dv dbias
+                              (buffers<9, 4>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));
