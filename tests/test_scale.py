@@ -232,3 +232,53 @@ def test_launch_scripts_parse():
         proc = subprocess.run(["bash", "-n", str(REPO / "launch" / script)],
                               capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
+
+
+def _rotary(b, n, h, d, seed=3):
+    """Positions like the DiT's (frame, row, column) and learned-RoPE-sized frequencies."""
+    kp, kf = jax.random.split(jax.random.key(seed))
+    pos = jax.random.randint(kp, (b, n, 3), 0, 12).astype(jnp.float32)
+    return pos, 0.3 * jax.random.normal(kf, (h, d // 2, 3))
+
+
+@pytest.mark.parametrize("n,d", [(37, 16), (130, 32), (64, 64), (20, 128)])
+def test_flash_cpu_rotates_like_rope(n, d):
+    """RoPE inside the kernel equals the reference on `rope`-rotated q and k: outputs and the
+    gradients of q, k, v and the frequencies, masked keys, a fully masked example."""
+    q, k, v, w, mask = _qkv(n=n, d=d)
+    pos, freqs = _rotary(*q.shape)
+
+    def ref(q, k, v, f):
+        return attn.reference(attn.rope(q, pos, f), attn.rope(k, pos, f), v, mask)
+
+    fused = jax.jit(lambda q, k, v, f: attn.flash_cpu(q, k, v, mask, rope=(pos, f)))
+    np.testing.assert_allclose(fused(q, k, v, freqs), ref(q, k, v, freqs), atol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
+    want = jax.grad(loss(ref), (0, 1, 2, 3))(q, k, v, freqs)
+    got = jax.jit(jax.grad(loss(fused), (0, 1, 2, 3)))(q, k, v, freqs)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-5)
+
+
+def test_flash_cpu_rope_on_a_mesh():
+    """`attend` with RoPE and a key bias on a 2x2 (batch, heads) mesh: positions split with
+    the batch, frequencies with the heads, inside the kernel's shard_map."""
+    q, k, v, w, mask = _qkv(b=2, n=70, h=2, d=32)
+    bias = jax.random.normal(jax.random.key(7), (2, 70, 2))
+    pos, freqs = _rotary(2, 70, 2, 32)
+    cfg = SimpleNamespace(attention="flash_cpu", attention_block=512)
+    loss = lambda f: lambda q, k, v, b, fr: jnp.sum(f(q, k, v, b, fr) * w)
+    flash = loss(lambda q, k, v, b, fr: attn.attend(q, k, v, mask, cfg, DEFAULT_RULES, b,
+                                                    (pos, fr)))
+    ref = loss(lambda q, k, v, b, fr: attn.reference(attn.rope(q, pos, fr),
+                                                     attn.rope(k, pos, fr), v, mask, b))
+    want = jax.value_and_grad(ref, (0, 1, 2, 3, 4))(q, k, v, bias, freqs)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1},
+                              jax.devices()[:4])
+    spec = sharding.logical_to_mesh(("batch", None, "heads", None), DEFAULT_RULES)
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+        got = jax.jit(jax.value_and_grad(flash, (0, 1, 2, 3, 4)))(*args, bias, freqs)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-5)

@@ -2,15 +2,18 @@
 
 All take q, k, v [B, N, H, D] and a key mask [B, N] (False = not attended) and agree with
 `xla`, the reference, which materialises the [B, H, N, N] logits: fine for the demo, not
-for 4 s of 720p (~97k tokens, 0.9 TB of float32 logits per example and layer).
+for 4 s of 720p (~97k tokens, 0.9 TB of float32 logits per example and layer). `attend`
+also takes the rotary positions: q and k are rotated (`rope`) before the backend, or, with
+flash_cpu, inside it (XLA:CPU then writes no rotated copies).
 
   xla        the reference: einsum, masked softmax, einsum (any backend)
   blockwise  flash-style attention in pure JAX (any backend): an online softmax over key
              blocks inside a map over query blocks; a custom VJP recomputes each block's
              probabilities from the saved row max and sum, so no pass keeps N x N values
   flash_cpu  a fused C++ kernel for XLA:CPU (flash_cpu.cc via the XLA FFI, compiled on first
-             use), forward and backward: XLA:CPU writes each N x N intermediate of the
-             reference to memory, which at head_dim 32 costs more than the FLOPs
+             use), forward and backward, RoPE included: XLA:CPU writes each N x N
+             intermediate of the reference to memory, which at head_dim 32 costs more than
+             the FLOPs
   cudnn      jax.nn.dot_product_attention(implementation="cudnn"): GPU only
   splash     Pallas splash attention (jax.experimental.pallas.ops.tpu): TPU only
 
@@ -39,6 +42,14 @@ from mirage_jax.sharding import _fit, logical_to_mesh
 
 BACKENDS = ("xla", "blockwise", "flash_cpu", "cudnn", "splash")
 MASKED = -1e30  # masked real keys, as in the reference (a fully masked row is uniform)
+
+
+def rope(x, pos, freqs):
+    """Rotates channel pairs of x [B,N,H,D] by angles pos [B,N,3] . freqs [H,D/2,3]."""
+    angles = jnp.einsum("bnk,hfk->bnhf", pos.astype(jnp.float32), freqs.astype(jnp.float32))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
 def _key_bias(key_bias):
@@ -221,23 +232,28 @@ def cudnn(q, k, v, key_mask, key_bias=None, implementation="cudnn"):
     )
 
 
-def per_shard(kernel, rules, q, k, v, key_mask, *key_bias):
-    """`kernel` on each device's batch and head shard, in `shard_map` under a mesh: the SPMD
-    partitioner cannot split a custom call or a Pallas kernel, and would gather its inputs."""
+def per_shard(kernel, rules, q, k, v, key_mask, key_bias=None, rope=None):
+    """`kernel(q, k, v, key_mask, key_bias, rope)` on each device's batch and head shard, in
+    `shard_map` under a mesh: the SPMD partitioner cannot split a custom call or a Pallas
+    kernel, and would gather its inputs. rope: (pos [B, N, 3], freqs [H, D/2, 3]) or None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return kernel(q, k, v, key_mask, *key_bias)
+        return kernel(q, k, v, key_mask, key_bias, rope)
     spec = _fit(logical_to_mesh(("batch", None, "heads", None), rules), q.shape, mesh)
-    specs = (spec, spec, spec, P(spec[0], None), P(spec[0], None, spec[2]))
-    return jax.shard_map(kernel, in_specs=specs[:4 + len(key_bias)], out_specs=spec,
-                         check_vma=False)(q, k, v, key_mask, *key_bias)
+    specs = (spec, spec, spec, P(spec[0], None),
+             None if key_bias is None else P(spec[0], None, spec[2]),
+             None if rope is None else (P(spec[0], None, None), P(spec[2], None, None)))
+    return jax.shard_map(kernel, in_specs=specs, out_specs=spec,
+                         check_vma=False)(q, k, v, key_mask, key_bias, rope)
 
 
 def splash(q, k, v, key_mask, rules, block=512, interpret=False):
     """Pallas splash attention on TPU. The key mask becomes kv segment ids (1 = masked; every
     query is segment 0), the sequence is padded to the block size, and under a mesh the
     kernel runs per shard (`per_shard`)."""
-    kernel = functools.partial(_splash_local, block=block, interpret=interpret)
+    def kernel(q, k, v, key_mask, key_bias=None, rope=None):  # neither: attend checks
+        return _splash_local(q, k, v, key_mask, block, interpret)
+
     return per_shard(kernel, rules, q, k, v, key_mask)
 
 
@@ -338,15 +354,18 @@ def _backend(model_cfg, key_bias):
     raise ValueError(f"model.attention must be one of {BACKENDS}, got '{name}'")
 
 
-def attend(q, k, v, key_mask, model_cfg, rules, key_bias=None):
+def attend(q, k, v, key_mask, model_cfg, rules, key_bias=None, rotary=None):
     """The joint attention with the backend named by `model.attention`, Ulysses-parallel
     when mesh.sequence > 1; `key_bias` [B,N,H]: the stitched streams' key offsets (None
-    without `model.stitch`)."""
+    without `model.stitch`); `rotary` (pos [B,N,3], freqs [H,D/2,3]): RoPE for q and k."""
     local = _backend(model_cfg, key_bias)
-    if sequence_axis(rules)[1] > 1:
+    ulysses_on = sequence_axis(rules)[1] > 1
+    if model_cfg.attention == "flash_cpu" and not ulysses_on:  # a custom call, RoPE inside
+        return per_shard(local, rules, q, k, v, key_mask, key_bias, rotary)
+    if rotary is not None:
+        q, k = rope(q, *rotary), rope(k, *rotary)
+    if ulysses_on:
         return ulysses(local, q, k, v, key_mask, key_bias, rules)
     if model_cfg.attention == "splash":  # a Pallas kernel needs its own shard_map
         return splash(q, k, v, key_mask, rules, model_cfg.attention_block)
-    if model_cfg.attention == "flash_cpu":  # so does a custom call
-        return per_shard(local, rules, q, k, v, key_mask, *([] if key_bias is None else [key_bias]))
     return local(q, k, v, key_mask, key_bias)

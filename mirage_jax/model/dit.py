@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mirage_jax.model.attention import attend
+from mirage_jax.model.attention import attend, rope  # noqa: F401 (dit.rope)
 from mirage_jax.model.attention import reference as attention  # noqa: F401 (dit.attention)
 from mirage_jax.model.tokens import GENERATED, GROUPS, STREAM_OF, Stream, video_shape
 from mirage_jax.sharding import constrain
@@ -73,14 +73,6 @@ def active_groups(cfg) -> tuple[str, ...]:
     has no audio tokens, a model without `model.ref` no reference image."""
     m = cfg.model
     return tuple(g for g in GROUPS if (g != "audio" or m.audio) and (g != "ref" or m.ref))
-
-
-def rope(x, pos, freqs):
-    """Rotates channel pairs of x [B,N,H,D] by angles pos [B,N,3] . freqs [H,D/2,3]."""
-    angles = jnp.einsum("bnk,hfk->bnhf", pos.astype(jnp.float32), freqs.astype(jnp.float32))
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
 def init_rope_freqs(key, heads, head_dim, theta):
@@ -152,15 +144,17 @@ class Block(nnx.Module):
             mods[g] = jnp.split(layer.mod(ctx["cond"][g]), 6, axis=-1)
             shift, scale = mods[g][0], mods[g][1]
             q, k, v = layer.qkv(_modulate(xs[g], shift, scale), heads)
-            qs.append(rope(q, ctx["pos"][g], self.rope_freqs[...]))
-            ks.append(rope(k, ctx["pos"][g], self.rope_freqs[...]))
+            qs.append(q)
+            ks.append(k)
             vs.append(v)
             if stitch:  # per-key bias: the stitched groups' offsets, 0 for the rest
                 offset = getattr(self, f"{g}_key_offset")[...] if g in stitch else jnp.zeros(heads)
                 bias.append(jnp.broadcast_to(offset, (*k.shape[:2], heads)))
         q, k, v = (jnp.concatenate(a, axis=1) for a in (qs, ks, vs))
         key_bias = jnp.concatenate(bias, axis=1) if stitch else None
-        out = attend(q, k, v, ctx["key_mask"], self.cfg.model, rules, key_bias)
+        pos = jnp.concatenate([ctx["pos"][g] for g in groups], axis=1)
+        rotary = (pos, self.rope_freqs[...])  # RoPE: `attend` rotates q and k
+        out = attend(q, k, v, ctx["key_mask"], self.cfg.model, rules, key_bias, rotary)
         out = constrain(out, ("batch", "length", "heads", "head_dim"), rules)
         offsets = list(itertools.accumulate(xs[g].shape[1] for g in groups))[:-1]
         new = {}

@@ -7,11 +7,13 @@
 //
 // Layout as the reference: q, k, v [B, N, H, D] float32, key mask [B, N] (false = not
 // attended: its logit is the constant -1e30, so a fully masked row is uniform), key bias
-// [B, N, H] added to the logits of attended keys. The forward saves each row's max and
+// [B, N, H] added to the logits of attended keys, optionally RoPE's cos and sin [B, N, H,
+// D/2] (q and k are then rotated here, and the backward also returns the frequencies'
+// gradient per (batch, head), [B, H, D/2, 3]). The forward saves each row's max and
 // 1 / sum (kept apart: -1e30 + log l rounds to -1e30). The backward recomputes the
 // probabilities block by block (FlashAttention-2's: dP = dO V^T, dS = P (dP - rowsum(dO O))).
 // Work items are (batch, head) pairs, run on XLA's intra-op thread pool and the caller.
-// Portable C++: loops written for the compiler's vectoriser (built with -O3 -march=native).
+// Portable C++ (GCC/Clang vector types), built with -O3 -march=native.
 
 #include <algorithm>
 #include <atomic>
@@ -110,7 +112,52 @@ struct Head {
         ld(g.h * g.d), base(b * g.n * ld + hh * g.d) {}
   int64_t key(int64_t j) const { return (b * n + j) * heads + hh; }
   int64_t stat(int64_t i) const { return item * n + i; }
+  int64_t angle(int64_t j) const { return key(j) * (ld / heads / 2); }  // into cos, sin
 };
+
+// RoPE inside the kernel: q and k are rotated as they are packed, so XLA never writes the
+// rotated copies, and the backward turns their gradients back and sums the angle gradient
+// into the frequencies'. cos, sin [B, N, H, D/2] (null: no rotation), pos [B, N, 3].
+struct Rope {
+  const float* cos;
+  const float* sin;
+  const float* pos;
+};
+
+// y = R x * scale for token j: y1 = x1 c - x2 s, y2 = x1 s + x2 c on the two halves (the
+// reference's `rope`); x itself without tables.
+template <int D>
+void rotate(const float* x, const Rope& r, const Head& h, int64_t j, float scale, float* y) {
+  constexpr int F = D / 2;
+  if (!r.cos) {
+    for (int d = 0; d < D; ++d) y[d] = x[d] * scale;
+    return;
+  }
+  const float* c = r.cos + h.angle(j);
+  const float* s = r.sin + h.angle(j);
+  for (int f = 0; f < F; ++f) {
+    y[f] = (x[f] * c[f] - x[F + f] * s[f]) * scale;
+    y[F + f] = (x[f] * s[f] + x[F + f] * c[f]) * scale;
+  }
+}
+
+// From dy = dL/dy (y = R x, given as y * yscale) in place: dL/dx = R^T dy, and the angle's
+// gradient dy2 y1 - dy1 y2 times token j's position added into dfreq [D/2][3].
+template <int D>
+void unrotate(float* dy, const float* y, float yscale, const Rope& r, const Head& h, int64_t j,
+              float* dfreq) {
+  constexpr int F = D / 2;
+  const float* c = r.cos + h.angle(j);
+  const float* s = r.sin + h.angle(j);
+  const float* pos = r.pos + (h.b * h.n + j) * 3;
+  for (int f = 0; f < F; ++f) {
+    const float d1 = dy[f], d2 = dy[F + f];
+    const float da = (d2 * y[f] - d1 * y[F + f]) * yscale;
+    for (int a = 0; a < 3; ++a) dfreq[f * 3 + a] += da * pos[a];
+    dy[f] = d1 * c[f] + d2 * s[f];
+    dy[F + f] = d2 * c[f] - d1 * s[f];
+  }
+}
 
 // A vector of VL floats (GCC/Clang vector extension: portable, no intrinsics).
 typedef float vec __attribute__((vector_size(4 * VL)));
@@ -207,20 +254,26 @@ void cols_times(const float* a, int64_t np, const float* b, float* acc_out) {
     }
 }
 
-// Bt[D][np] (zero-padded columns) from rows x + j * ld.
+// Bt[D][np] (zero-padded columns) from rows x + j * ldx.
 template <int D>
-void pack_transposed(const float* x, const Head& h, float* bt) {
+void pack_transposed(const float* x, int64_t ldx, const Head& h, float* bt) {
   std::memset(bt, 0, sizeof(float) * D * h.np);
   for (int64_t j = 0; j < h.n; ++j)
-    for (int d = 0; d < D; ++d) bt[d * h.np + j] = x[j * h.ld + d];
+    for (int d = 0; d < D; ++d) bt[d * h.np + j] = x[j * ldx + d];
 }
 
-// A[BQ][D] = rows i0.. of x times scale, zero past the last token.
+// The head's keys, rotated, as rows [n][D].
 template <int D>
-void pack_rows(const float* x, const Head& h, int64_t i0, int rows, float scale, float* a) {
+void pack_keys(const float* k, const Rope& r, const Head& h, float* out) {
+  for (int64_t j = 0; j < h.n; ++j) rotate<D>(k + j * h.ld, r, h, j, 1.0f, out + j * D);
+}
+
+// A[BQ][D] = rows i0.. of x, rotated (with tables) and times scale, zero past the last token.
+template <int D>
+void pack_rows(const float* x, const Rope& rope, const Head& h, int64_t i0, int rows,
+               float scale, float* a) {
   std::memset(a, 0, sizeof(float) * BQ * D);
-  for (int r = 0; r < rows; ++r)
-    for (int d = 0; d < D; ++d) a[r * D + d] = x[(i0 + r) * h.ld + d] * scale;
+  for (int r = 0; r < rows; ++r) rotate<D>(x + (i0 + r) * h.ld, rope, h, i0 + r, scale, a + r * D);
 }
 
 // Per-key logit offset: keep[j] (1 attended, 0 masked or padding) and the added bias.
@@ -248,22 +301,25 @@ Dims dims_of(ffi::AnyBuffer q) {
 
 template <int D>
 void forward(const Dims& g, const float* q, const float* k, const float* v, const bool* mask,
-             const float* bias, float* o, float* rmax, float* rinv, ffi::ThreadPool& pool) {
+             const float* bias, const Rope& rope, float* o, float* rmax, float* rinv,
+             ffi::ThreadPool& pool) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   parallel_for(pool, g.b * g.h, [&](int64_t item) {
     const Head h(g, item);
     const int64_t np = h.np, base = h.base;
-    float* kt = scratch(0, D * np);
+    float* kt = scratch(0, 2 * D * np);
+    float* kr = kt + D * np;
     float* qs = scratch(1, BQ * D);
     float* s = scratch(2, BQ * np);
     float* keep = scratch(3, 2 * np);
     float* add = keep + np;
     float inv[BQ];
-    pack_transposed<D>(k + base, h, kt);
+    pack_keys<D>(k + base, rope, h, kr);
+    pack_transposed<D>(kr, D, h, kt);
     key_terms(mask, bias, h, keep, add);
     for (int64_t i0 = 0; i0 < g.n; i0 += BQ) {
       const int rows = static_cast<int>(std::min<int64_t>(BQ, g.n - i0));
-      pack_rows<D>(q + base, h, i0, rows, scale, qs);
+      pack_rows<D>(q + base, rope, h, i0, rows, scale, qs);
       scores<D>(qs, kt, np, s);
       mask_logits(s, np, g.n, keep, add);
       for (int r = 0; r < rows; ++r) {
@@ -288,15 +344,16 @@ void forward(const Dims& g, const float* q, const float* k, const float* v, cons
 
 template <int D>
 void backward(const Dims& g, const float* q, const float* k, const float* v, const bool* mask,
-              const float* bias, const float* o, const float* rmax, const float* rinv,
-              const float* dout, float* dq, float* dk, float* dv, float* dbias,
-              ffi::ThreadPool& pool) {
+              const float* bias, const Rope& rope, const float* o, const float* rmax,
+              const float* rinv, const float* dout, float* dq, float* dk, float* dv,
+              float* dbias, float* dfreq, ffi::ThreadPool& pool) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   parallel_for(pool, g.b * g.h, [&](int64_t item) {
     const Head h(g, item);
     const int64_t np = h.np, base = h.base;
-    float* kt = scratch(0, 2 * D * np);
+    float* kt = scratch(0, 3 * D * np);
     float* vt = kt + D * np;
+    float* kr = vt + D * np;
     float* qs = scratch(1, 2 * BQ * D);
     float* dos = qs + BQ * D;
     float* p = scratch(2, 2 * BQ * np);
@@ -311,13 +368,15 @@ void backward(const Dims& g, const float* q, const float* k, const float* v, con
     std::memset(db, 0, sizeof(float) * np);
     float ones[BQ];
     std::fill(ones, ones + BQ, scale);
-    pack_transposed<D>(k + base, h, kt);
-    pack_transposed<D>(v + base, h, vt);
+    float df[D / 2 * 3] = {};  // this head's frequency gradient
+    pack_keys<D>(k + base, rope, h, kr);
+    pack_transposed<D>(kr, D, h, kt);
+    pack_transposed<D>(v + base, h.ld, h, vt);
     key_terms(mask, bias, h, keep, add);
     for (int64_t i0 = 0; i0 < g.n; i0 += BQ) {
       const int rows = static_cast<int>(std::min<int64_t>(BQ, g.n - i0));
-      pack_rows<D>(q + base, h, i0, rows, scale, qs);
-      pack_rows<D>(dout + base, h, i0, rows, 1.0f, dos);
+      pack_rows<D>(q + base, rope, h, i0, rows, scale, qs);
+      pack_rows<D>(dout + base, Rope{}, h, i0, rows, 1.0f, dos);
       scores<D>(qs, kt, np, p);
       mask_logits(p, np, g.n, keep, add);
       scores<D>(dos, vt, np, ds);  // dP
@@ -341,14 +400,20 @@ void backward(const Dims& g, const float* q, const float* k, const float* v, con
         for (int64_t j = 0; j < np; ++j) db[j] += dsr[j];
       }
       cols_times<D>(p, np, dos, dva);
-      cols_times<D>(ds, np, qs, dka);  // qs holds q * scale: dK = scale dS^T Q
-      rows_times<D>(ds, np, k + base, h.ld, g.n, rows, ones, dq + base + i0 * h.ld, h.ld);
+      cols_times<D>(ds, np, qs, dka);  // qs holds R q * scale: dK = scale dS^T R Q
+      float* dqb = dq + base + i0 * h.ld;
+      rows_times<D>(ds, np, kr, D, g.n, rows, ones, dqb, h.ld);
+      if (rope.cos)
+        for (int r = 0; r < rows; ++r)
+          unrotate<D>(dqb + r * h.ld, qs + r * D, 1.0f / scale, rope, h, i0 + r, df);
     }
     for (int64_t j = 0; j < g.n; ++j) {
+      if (rope.cos) unrotate<D>(dka + j * D, kr + j * D, 1.0f, rope, h, j, df);
       std::memcpy(dk + base + j * h.ld, dka + j * D, sizeof(float) * D);
       std::memcpy(dv + base + j * h.ld, dva + j * D, sizeof(float) * D);
       dbias[h.key(j)] = db[j];
     }
+    if (rope.cos) std::memcpy(dfreq + item * (D / 2 * 3), df, sizeof df);  // [B, H, D/2, 3]
   });
 }
 
@@ -368,28 +433,39 @@ ffi::Error dispatch(int64_t d, F kernel) {
 const float* f32(ffi::AnyBuffer x) { return reinterpret_cast<const float*>(x.untyped_data()); }
 float* f32(ffi::Result<ffi::AnyBuffer> x) { return reinterpret_cast<float*>(x->untyped_data()); }
 
+// The rotation's tables from the cos, sin (empty: none) and pos buffers.
+Rope rope_of(ffi::AnyBuffer cos, ffi::AnyBuffer sin, const float* pos) {
+  if (cos.element_count() == 0) return Rope{};
+  return Rope{f32(cos), f32(sin), pos};
+}
+
 ffi::Error FlashFwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                    ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> o,
+                    ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer cos,
+                    ffi::AnyBuffer sin, ffi::Result<ffi::AnyBuffer> o,
                     ffi::Result<ffi::AnyBuffer> rmax, ffi::Result<ffi::AnyBuffer> rinv) {
   const Dims g = dims_of(q);
   const bool* m = reinterpret_cast<const bool*>(mask.untyped_data());
+  const Rope r = rope_of(cos, sin, nullptr);
   return dispatch(g.d, [&](auto dim) {
-    forward<decltype(dim)::value>(g, f32(q), f32(k), f32(v), m, f32(bias), f32(o), f32(rmax),
-                                  f32(rinv), pool);
+    forward<decltype(dim)::value>(g, f32(q), f32(k), f32(v), m, f32(bias), r, f32(o),
+                                  f32(rmax), f32(rinv), pool);
   });
 }
 
 ffi::Error FlashBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                    ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer o,
+                    ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer cos,
+                    ffi::AnyBuffer sin, ffi::AnyBuffer pos, ffi::AnyBuffer o,
                     ffi::AnyBuffer rmax, ffi::AnyBuffer rinv, ffi::AnyBuffer dout,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                    ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias) {
+                    ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
+                    ffi::Result<ffi::AnyBuffer> dfreq) {
   const Dims g = dims_of(q);
   const bool* m = reinterpret_cast<const bool*>(mask.untyped_data());
+  const Rope r = rope_of(cos, sin, f32(pos));
   return dispatch(g.d, [&](auto dim) {
-    backward<decltype(dim)::value>(g, f32(q), f32(k), f32(v), m, f32(bias), f32(o), f32(rmax),
-                                   f32(rinv), f32(dout), f32(dq), f32(dk), f32(dv), f32(dbias),
-                                   pool);
+    backward<decltype(dim)::value>(g, f32(q), f32(k), f32(v), m, f32(bias), r, f32(o),
+                                   f32(rmax), f32(rinv), f32(dout), f32(dq), f32(dk), f32(dv),
+                                   f32(dbias), f32(dfreq), pool);
   });
 }
 
@@ -409,8 +485,8 @@ auto buffers(B&& binding) {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MirageFlashFwd, FlashFwd,  // q k v mask bias -> o rmax rinv
-                              (buffers<5, 3>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MirageFlashFwd, FlashFwd,  // q k v mask bias cos sin -> o rmax rinv
+                              (buffers<7, 3>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MirageFlashBwd, FlashBwd,  // ... o rmax rinv dout -> dq dk dv dbias
-                              (buffers<9, 4>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MirageFlashBwd, FlashBwd,  // ... pos o rmax rinv dout -> ... dfreq
+                              (buffers<12, 5>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));

@@ -4,7 +4,9 @@ XLA:CPU has no fused attention: the reference writes every [B, H, N, N] intermed
 and at head_dim 32 that, not the FLOPs, is the step's cost. flash_cpu.cc is compiled
 here on first use (the machine's C++ compiler, -O3 -march=native, cached by source,
 flags and CPU under `$MIRAGE_JAX_CACHE` or ~/.cache/mirage_jax), registered as an XLA FFI
-target and wrapped in a custom VJP whose backward is the kernel's own.
+target and wrapped in a custom VJP whose backward is the kernel's own. Given the rotary
+positions it also applies RoPE to q and k as it packs them (XLA computes only the cos and
+sin tables), and its backward returns the frequencies' gradient.
 """
 
 from __future__ import annotations
@@ -82,35 +84,54 @@ def _call(name, results, *args):
     return jax.ffi.ffi_call(name, results, vmap_method="sequential")(*args)
 
 
-def _forward(q, k, v, mask, bias):
+def _tables(rope):
+    """RoPE's cos and sin [B, N, H, D/2] for rope = (pos [B, N, 3], freqs [H, D/2, 3]); empty
+    arrays (no rotation) for None."""
+    if rope is None:
+        return (jnp.zeros((0,), jnp.float32),) * 2
+    pos, freqs = rope
+    angles = jnp.einsum("bnk,hfk->bnhf", pos, freqs)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _forward(q, k, v, mask, bias, tables):
     b, n, h, _ = q.shape
     stat = jax.ShapeDtypeStruct((b, h, n), jnp.float32)
     return _call("MirageFlashFwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32), stat, stat),
-                 q, k, v, mask, bias)
+                 q, k, v, mask, bias, *tables)
 
 
 @jax.custom_vjp
-def _flash(q, k, v, mask, bias):
-    return _forward(q, k, v, mask, bias)[0]
+def _flash(q, k, v, mask, bias, rope):
+    return _forward(q, k, v, mask, bias, _tables(rope))[0]
 
 
-def _flash_fwd(q, k, v, mask, bias):
-    out, rmax, rinv = _forward(q, k, v, mask, bias)
-    return out, (q, k, v, mask, bias, out, rmax, rinv)
+def _flash_fwd(q, k, v, mask, bias, rope):
+    tables = _tables(rope)
+    out, rmax, rinv = _forward(q, k, v, mask, bias, tables)
+    return out, (q, k, v, mask, bias, rope, tables, out, rmax, rinv)
 
 
 def _flash_bwd(res, dout):
-    q, k, v, mask, bias, *_ = res
+    q, k, v, mask, bias, rope, tables, out, rmax, rinv = res
+    b, _, h, d = q.shape
+    pos = jnp.zeros((0,), jnp.float32) if rope is None else rope[0]
+    freq_shape = (b, h, d // 2 if rope is not None else 0, 3)
     shapes = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v, bias)]
-    dq, dk, dv, dbias = _call("MirageFlashBwd", tuple(shapes), *res, dout.astype(jnp.float32))
-    return dq, dk, dv, None, dbias
+    shapes.append(jax.ShapeDtypeStruct(freq_shape, jnp.float32))
+    dq, dk, dv, dbias, dfreq = _call("MirageFlashBwd", tuple(shapes), q, k, v, mask, bias,
+                                     *tables, pos, out, rmax, rinv, dout.astype(jnp.float32))
+    drope = None if rope is None else (None, dfreq.sum(0))
+    return dq, dk, dv, None, dbias, drope
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_cpu(q, k, v, key_mask, key_bias=None):
-    """Equal to `attention.reference` (float32 inside; the key bias gets its gradient)."""
+def flash_cpu(q, k, v, key_mask, key_bias=None, rope=None):
+    """Equal to `attention.reference` (float32 inside; the key bias gets its gradient); with
+    rope = (pos [B, N, 3], freqs [H, D/2, 3]), to the reference on `attention.rope`-rotated
+    q and k, the rotation done inside the kernel (freqs get their gradient, pos none)."""
     if jax.default_backend() != "cpu":
         raise ValueError(f"model.attention='flash_cpu' runs on CPU only, this process has "
                          f"'{jax.default_backend()}' devices")
@@ -119,5 +140,7 @@ def flash_cpu(q, k, v, key_mask, key_bias=None):
                          f"got model.head_dim={q.shape[-1]}")
     f32 = lambda x: x.astype(jnp.float32)
     bias = jnp.zeros(q.shape[:3], jnp.float32) if key_bias is None else f32(key_bias)
-    out = _flash(f32(q), f32(k), f32(v), key_mask.astype(bool), bias)
+    if rope is not None:
+        rope = (f32(rope[0]), f32(rope[1]))
+    out = _flash(f32(q), f32(k), f32(v), key_mask.astype(bool), bias, rope)
     return out.astype(q.dtype)
