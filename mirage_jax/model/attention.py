@@ -232,26 +232,26 @@ def cudnn(q, k, v, key_mask, key_bias=None, implementation="cudnn"):
     )
 
 
-def per_shard(kernel, rules, q, k, v, key_mask, key_bias=None, rope=None):
-    """`kernel(q, k, v, key_mask, key_bias, rope)` on each device's batch and head shard, in
+def per_shard(kernel, rules, q, k, v, key_mask, key_bias=None, rotary=None):
+    """`kernel(q, k, v, key_mask, key_bias, rotary)` on each device's batch and head shard, in
     `shard_map` under a mesh: the SPMD partitioner cannot split a custom call or a Pallas
-    kernel, and would gather its inputs. rope: (pos [B, N, 3], freqs [H, D/2, 3]) or None."""
+    kernel, and would gather its inputs. rotary: (pos [B, N, 3], freqs [H, D/2, 3]) or None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return kernel(q, k, v, key_mask, key_bias, rope)
+        return kernel(q, k, v, key_mask, key_bias, rotary)
     spec = _fit(logical_to_mesh(("batch", None, "heads", None), rules), q.shape, mesh)
     specs = (spec, spec, spec, P(spec[0], None),
              None if key_bias is None else P(spec[0], None, spec[2]),
-             None if rope is None else (P(spec[0], None, None), P(spec[2], None, None)))
+             None if rotary is None else (P(spec[0], None, None), P(spec[2], None, None)))
     return jax.shard_map(kernel, in_specs=specs, out_specs=spec,
-                         check_vma=False)(q, k, v, key_mask, key_bias, rope)
+                         check_vma=False)(q, k, v, key_mask, key_bias, rotary)
 
 
 def splash(q, k, v, key_mask, rules, block=512, interpret=False):
     """Pallas splash attention on TPU. The key mask becomes kv segment ids (1 = masked; every
     query is segment 0), the sequence is padded to the block size, and under a mesh the
     kernel runs per shard (`per_shard`)."""
-    def kernel(q, k, v, key_mask, key_bias=None, rope=None):  # neither: attend checks
+    def kernel(q, k, v, key_mask, key_bias=None, rotary=None):  # both None (see attend)
         return _splash_local(q, k, v, key_mask, block, interpret)
 
     return per_shard(kernel, rules, q, k, v, key_mask)
