@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mirage_jax.model.flash_cpu import flash_cpu
+from mirage_jax.model.tokens import rope_tables
 from mirage_jax.sharding import _fit, logical_to_mesh
 
 BACKENDS = ("xla", "blockwise", "flash_cpu", "cudnn", "splash")
@@ -46,8 +47,7 @@ MASKED = -1e30  # masked real keys, as in the reference (a fully masked row is u
 
 def rope(x, pos, freqs):
     """Rotates channel pairs of x [B,N,H,D] by angles pos [B,N,3] . freqs [H,D/2,3]."""
-    angles = jnp.einsum("bnk,hfk->bnhf", pos.astype(jnp.float32), freqs.astype(jnp.float32))
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos, sin = rope_tables(pos, freqs)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from mirage_jax.model.tokens import rope_tables
+
 SOURCE = Path(__file__).with_name("flash_cpu.cc")
 HEAD_DIMS = (16, 32, 64, 128)
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
@@ -89,9 +91,7 @@ def _tables(rope):
     arrays (no rotation) for None."""
     if rope is None:
         return (jnp.zeros((0,), jnp.float32),) * 2
-    pos, freqs = rope
-    angles = jnp.einsum("bnk,hfk->bnhf", pos, freqs)
-    return jnp.cos(angles), jnp.sin(angles)
+    return rope_tables(*rope)
 
 
 def _forward(q, k, v, mask, bias, tables):

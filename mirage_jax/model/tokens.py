@@ -30,6 +30,13 @@ GENERATED = ("audio", "video")  # groups the model can generate (they get a velo
 PAD, BOS, EOS = 0, 1, 2  # byte b is token b + 3
 
 
+def rope_tables(pos, freqs):
+    """cos and sin [B, N, H, D/2] of the rotary angles pos [B, N, 3] . freqs [H, D/2, 3]:
+    the one place RoPE's angles are computed (`attention.rope`, the flash_cpu kernel)."""
+    angles = jnp.einsum("bnk,hfk->bnhf", pos.astype(jnp.float32), freqs.astype(jnp.float32))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Stream:
