@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
         remat="none",  # none | full | save_dots | offload
         attention="xla",  # xla (reference) | blockwise (any) | flash_cpu | cudnn | splash
         attention_block=512,  # query/key block of blockwise and splash attention
+        # XLA:CPU: projections see the tokens flattened to rows [B * N, d], so each weight
+        # gradient is one 2-D dot (the demo step 0.86-0.89x). Not with mesh.sequence > 1:
+        # the merged rows defeat sharding propagation there (the 10B plan's temporaries 5x).
+        flat_projections=False,
         dtype="float32",  # compute dtype: float32 | bfloat16
         param_dtype="float32",
         audio=True,  # False: a silent model (no audio stream, tokens or head; text/ref -> video)
@@ -277,6 +281,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (m.attention in ("xla", "blockwise", "flash_cpu", "cudnn", "splash"), "model.attention",
          m.attention),
         (m.attention_block > 0, "model.attention_block", m.attention_block),
+        (not m.flat_projections or cfg.mesh.sequence == 1, "model.flat_projections",
+         m.flat_projections),  # with sequence parallelism: see base_config
         (m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype),
         (m.param_dtype in ("float32", "bfloat16"), "model.param_dtype", m.param_dtype),
         (m.text_encoder in ("bytes", "precomputed"), "model.text_encoder", m.text_encoder),

@@ -31,6 +31,12 @@ def test_bad_override_names_the_key(override, message):
         config.load(TINY, [override])
 
 
+def test_flat_projections_refused_with_sequence_parallelism():
+    config.load(TINY, ["--config.model.flat_projections=True"])
+    with pytest.raises(config.ConfigError, match="'model.flat_projections' has an invalid"):
+        config.load(TINY, ["--config.model.flat_projections=True", "--config.mesh.sequence=2"])
+
+
 def test_config_file_with_unknown_key_is_named(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text(

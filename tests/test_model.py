@@ -167,6 +167,25 @@ def test_scan_loop_and_remat_agree(tiny_cfg):
     assert float(jnp.abs(results[0][1]).max()) > 0
 
 
+def test_flat_projections_change_no_number_or_parameter(tiny_cfg):
+    """`model.flat_projections` (tokens flattened to rows in every projection): the same
+    parameter tree (checkpoints interchange), outputs and every gradient."""
+    results = []
+    for flat in (False, True):
+        cfg = config.apply_overrides(tiny_cfg, [f"config.model.flat_projections={flat}"])
+        model = randomize(dit.DiT(cfg, nnx.Rngs(0)))
+        streams = tokens.batch_to_streams(make_batch(cfg), cfg)
+        loss = lambda m: jnp.mean(m(streams)["video"] ** 2) + jnp.mean(m(streams)["audio"] ** 2)
+        results.append(nnx.jit(lambda m: (m(streams), nnx.grad(loss)(m)))(model))
+    (out0, grad0), (out1, grad1) = results
+    assert jax.tree.structure(grad0) == jax.tree.structure(grad1)
+    for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(out1)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad0), jax.tree.leaves(grad1)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(grad0["blocks"]["video"]["fc1"]["kernel"][...]).max()) > 0
+
+
 def test_padding_keys_do_not_change_outputs(tiny_cfg):
     model = randomize(dit.DiT(tiny_cfg, nnx.Rngs(0)))
     batch = make_batch(tiny_cfg)
