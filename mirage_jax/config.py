@@ -269,6 +269,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (cfg.amdim.frame_stride >= 1, "amdim.frame_stride", cfg.amdim.frame_stride),
         (0 < cfg.amdim.crop_min_scale <= 1, "amdim.crop_min_scale", cfg.amdim.crop_min_scale),
         (_is_box(cfg.amdim.region), "amdim.region", cfg.amdim.region),
+        (len(cfg.amdim.crop_ratio) == 2 and 0 < cfg.amdim.crop_ratio[0] <= cfg.amdim.crop_ratio[1],
+         "amdim.crop_ratio", cfg.amdim.crop_ratio),
         (_is_box(cfg.vae.mouth_region), "vae.mouth_region", cfg.vae.mouth_region),
         (cfg.task != "amdim" or d.global_batch * (d.frames + cfg.amdim.use_ref) >= 2,
          "data.global_batch", d.global_batch),  # InfoNCE needs another image as a negative

@@ -67,6 +67,8 @@ def test_config_checks():
         _cfg("data.global_batch=1", "data.frames=1", "amdim.use_ref=False")
     with pytest.raises(config.ConfigError, match="amdim.region"):
         _cfg("amdim.region=(0.5,0.4,0.0,1.0)")
+    with pytest.raises(config.ConfigError, match="amdim.crop_ratio"):
+        _cfg("amdim.crop_ratio=(1.4,0.7)")
 
 
 def _nce_numpy(src, trg, c, penalty):
@@ -127,6 +129,13 @@ def test_views():
     assert v1.shape == v2.shape == (3, 32, 32, 3)
     assert float(jnp.min(v1)) >= -1.0 - 1e-5 and float(jnp.max(v1)) <= 1.0 + 1e-5
     assert float(jnp.mean(jnp.abs(v1 - v2))) > 0.02  # two draws, two different views
+    # amdim.crop_ratio bounds the crops' aspect (width / height, relative to the region).
+    for ratios in ((1.0, 1.0), (0.7, 1.4)):
+        boxes = jax.vmap(lambda k: augment._random_box(k, 0.5, (0.0, 1.0, 0.0, 0.5), ratios))(
+            jax.random.split(jax.random.key(2), 64))
+        aspect = np.asarray(boxes[:, 3] / 0.5 / boxes[:, 2])
+        assert aspect.min() >= ratios[0] - 1e-5 and aspect.max() <= ratios[1] + 1e-5
+    assert aspect.max() / aspect.min() > 1.5  # the default range is used, not one ratio
 
 
 def test_views_and_probe_features_stay_inside_the_region():

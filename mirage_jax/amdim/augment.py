@@ -1,7 +1,8 @@
 """AMDIM's views of one image, made on the device inside the loss.
 
 As in the reference: one horizontal flip shared by both views, then for each view
-independently a random resized crop (area 0.3-1, aspect 0.7-1.4) back to the encoder's
+independently a random resized crop (area 0.3-1, aspect 0.7-1.4: `amdim.crop_min_scale`,
+`amdim.crop_ratio`) back to the encoder's
 size, colour jitter (p = 0.8) and greyscale (p = 0.25). Why on the device: the views cost
 a few matrix products per image there, the step's key makes them reproducible and
 resumable with no pipeline state, and the grain pipeline stays the one every task uses.
@@ -54,11 +55,12 @@ def resize(images, size: int, region=WHOLE):
     return jax.vmap(lambda x, b: crop_resize(x, b, size))(images.astype(jnp.float32), yxhw)
 
 
-def _random_box(key, min_scale: float, region=WHOLE):
+def _random_box(key, min_scale: float, region=WHOLE, ratios=(0.7, 1.4)):
     """(y0, x0, h, w) of a random crop of `region` (area and ratio relative to it)."""
     ka, kr, ky, kx = jax.random.split(key, 4)
     area = jax.random.uniform(ka, (), minval=min_scale, maxval=1.0)
-    ratio = jnp.exp(jax.random.uniform(kr, (), minval=math.log(0.7), maxval=math.log(1.4)))
+    lo, hi = (math.log(r) for r in ratios)
+    ratio = jnp.exp(jax.random.uniform(kr, (), minval=lo, maxval=hi))
     h = jnp.minimum(jnp.sqrt(area / ratio), 1.0)
     w = jnp.minimum(jnp.sqrt(area * ratio), 1.0)
     y0, y1, x0, x1 = region
@@ -86,7 +88,8 @@ def _colour(key, x, a):
 
 def _view(key, img, a):
     kc, kj = jax.random.split(key)
-    x = crop_resize(img, _random_box(kc, a.crop_min_scale, a.region), a.image_size)
+    box = _random_box(kc, a.crop_min_scale, a.region, a.crop_ratio)
+    x = crop_resize(img, box, a.image_size)
     return _colour(kj, (x + 1.0) / 2.0, a) * 2.0 - 1.0
 
 

@@ -60,7 +60,8 @@ def amdim_defaults() -> dict:
         # (sync.crop), where the sway and the eyes no longer tell two moments apart. On the
         # viseme probe the box lifted every encoder alike, random init too (README).
         "region": (0.0, 1.0, 0.0, 1.0),
-        "crop_min_scale": 0.3,  # random resized crop: area fraction in [this, 1], ratio 0.7..1.4
+        "crop_min_scale": 0.3,  # random resized crop: area fraction in [this, 1],
+        "crop_ratio": (0.7, 1.4),  # and aspect ratio (width / height) in this range
         "jitter": 0.4,  # colour jitter: brightness, contrast, saturation in 1 +- this
         "hue": 0.2,  # and hue rotated by up to +- this fraction of a turn
         "p_jitter": 0.8,
