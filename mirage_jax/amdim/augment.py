@@ -2,10 +2,10 @@
 
 As in the reference: one horizontal flip shared by both views, then for each view
 independently a random resized crop (area 0.3-1, aspect 0.7-1.4: `amdim.crop_min_scale`,
-`amdim.crop_ratio`) back to the encoder's
-size, colour jitter (p = 0.8) and greyscale (p = 0.25). Why on the device: the views cost
-a few matrix products per image there, the step's key makes them reproducible and
-resumable with no pipeline state, and the grain pipeline stays the one every task uses.
+`amdim.crop_ratio`) back to the encoder's size, colour jitter (p = 0.8) and greyscale
+(p = 0.25). Why on the device: the views cost a few matrix products per image there, the
+step's key makes them reproducible and resumable with no pipeline state, and the grain
+pipeline stays the one every task uses.
 The crops lie inside `amdim.region` (default the whole frame; the flip comes first, so keep
 a region symmetric about the vertical midline, as the mouth box is).
 """

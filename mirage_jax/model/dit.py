@@ -117,11 +117,8 @@ class StreamLayer(nnx.Module):
         dt, projections = self.q.dtype, (self.q, self.k, self.v)
         w = jnp.stack([p.kernel[...] for p in projections], 1).astype(dt)
         b = jnp.stack([p.bias[...] for p in projections], 0).astype(dt)
-        if self.flat:  # as FlatLinear
-            rows = h.reshape(-1, h.shape[-1]).astype(dt)
-            y = (jnp.einsum("nw,wti->nti", rows, w) + b).reshape(*h.shape[:-1], *b.shape)
-        else:
-            y = jnp.einsum("...w,wti->...ti", h.astype(dt), w) + b
+        x = h.reshape(-1, h.shape[-1]) if self.flat else h  # rows, as in FlatLinear
+        y = (jnp.einsum("...w,wti->...ti", x.astype(dt), w) + b).reshape(*h.shape[:-1], *b.shape)
         q, k, v = (y[..., i, :].reshape(*y.shape[:-2], heads, -1) for i in range(3))
         q = self.q_norm(q.astype(jnp.float32))
         k = self.k_norm(k.astype(jnp.float32))
