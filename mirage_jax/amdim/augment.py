@@ -55,8 +55,9 @@ def resize(images, size: int, region=WHOLE):
     return jax.vmap(lambda x, b: crop_resize(x, b, size))(images.astype(jnp.float32), yxhw)
 
 
-def _random_box(key, min_scale: float, region=WHOLE, ratios=(0.7, 1.4)):
-    """(y0, x0, h, w) of a random crop of `region` (area and ratio relative to it)."""
+def _random_box(key, min_scale: float, region, ratios):
+    """(y0, x0, h, w) of a random crop of `region` (area and ratio relative to it), the
+    aspect ratio log-uniform in `ratios` (amdim.crop_ratio)."""
     ka, kr, ky, kx = jax.random.split(key, 4)
     area = jax.random.uniform(ka, (), minval=min_scale, maxval=1.0)
     lo, hi = (math.log(r) for r in ratios)
