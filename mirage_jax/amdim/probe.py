@@ -123,10 +123,20 @@ def pixel_features(images: np.ndarray, region=WHOLE) -> np.ndarray:
 MAX_CLASSES = 16  # every probe pads its classes to this: one compiled fit per feature size
 
 
+FIT_TOL = 1e-3  # the fit stops when the gradient's norm is below this,
+FIT_MAX_STEPS = 5000  # or after this many L-BFGS steps
+
+
 @jax.jit
 def _fit(x, y, valid, l2, init):
-    """Multinomial logistic regression: mean cross-entropy + l2 |W|^2, 100 L-BFGS steps from
-    `init`; logits of classes outside `valid` are masked."""
+    """Multinomial logistic regression: mean cross-entropy + l2 |W|^2, L-BFGS from `init`
+    until the gradient's norm is below FIT_TOL; logits of classes outside `valid` are
+    masked. Returns (params, (final loss, steps, gradient norm)).
+
+    To convergence, because an early stop measures the features' conditioning, not what
+    they hold: with 100 steps the random encoder's r5 features (correlated, ill-conditioned)
+    stopped at 0.786 on the viseme and the trained ones at 0.828; converged both read ~0.85
+    (README)."""
 
     def loss(p):
         logits = jnp.where(valid, x @ p["w"] + p["b"], -1e9)
@@ -136,14 +146,20 @@ def _fit(x, y, valid, l2, init):
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
 
-    def step(carry, _):
+    def step(carry):
         p, state = carry
         value, grad = value_and_grad(p, state=state)
         updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
-        return (optax.apply_updates(p, updates), state), value
+        return optax.apply_updates(p, updates), state
 
-    (p, _), values = jax.lax.scan(step, (init, opt.init(init)), length=100)
-    return p, values[-1]
+    def going(carry):
+        count = optax.tree_utils.tree_get(carry[1], "count")
+        norm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(carry[1], "grad"))
+        return (count == 0) | ((count < FIT_MAX_STEPS) & (norm >= FIT_TOL))
+
+    p, state = jax.lax.while_loop(going, step, (init, opt.init(init)))
+    get = functools.partial(optax.tree_utils.tree_get, state)
+    return p, (get("value"), get("count"), optax.tree_utils.tree_norm(get("grad")))
 
 
 def probe(train_x, train_y, test_x, test_y, n_classes: int, is_val,
@@ -168,11 +184,13 @@ def probe(train_x, train_y, test_x, test_y, n_classes: int, is_val,
         jnp.argmax(jnp.where(valid, x @ p["w"] + p["b"], -jnp.inf), -1) == y)
     best = None
     for l2 in l2s:
-        p, final_loss = _fit(xf, jnp.asarray(train_y[~is_val]), valid, l2, init)
+        p, (final_loss, steps, grad_norm) = _fit(xf, jnp.asarray(train_y[~is_val]), valid,
+                                                 l2, init)
         correct = hits(p, xt, test_y)
         row = {"l2": l2, "val": float(hits(p, xv, train_y[is_val]).mean()),
                "fit": float(hits(p, xf, train_y[~is_val]).mean()),
-               "test": float(correct.mean()), "loss": float(final_loss), "correct": correct}
+               "test": float(correct.mean()), "loss": float(final_loss), "steps": int(steps),
+               "grad_norm": float(grad_norm), "correct": correct}
         if best is None or row["val"] > best["val"]:
             best = row
     return best
@@ -226,7 +244,7 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
             table[label][name], correct[name] = row["test"], row.pop("correct")
             details[f"{label}/{name}"] = row
             log(f"{label:8s} {name:12s} test {row['test']:.3f} (val {row['val']:.3f}, "
-                f"fit {row['fit']:.3f}, l2 {row['l2']:g})")
+                f"fit {row['fit']:.3f}, l2 {row['l2']:g}, {row['steps']} steps)")
         if label == "viseme":  # what a frame's mouth tells at best: the drawn mouth itself
             table[label]["mouth_params_1nn"] = float(nearest_neighbour(
                 train["mouth"], ytr, test["mouth"], yte).mean())
