@@ -7,9 +7,9 @@ The same frames (their `amdim.region`: the whole frame or the mouth box) are des
 three ways: the trained encoder's features (EMA weights;
 `amdim.probe_features`: the global 1x1 feature r1 and/or the flattened local maps r5, r7),
 the same features of the same encoder at random init, and the raw pixels. For each, one
-multinomial logistic regression per label (standardised features, L2 penalty, L-BFGS) is
-fit on frames of the train split and scored on every frame of the test split: other clips
-and sentences, the same speakers. Labels: the frame's viseme and, from the speaker id,
+multinomial logistic regression per label (standardised features, L2 penalty, L-BFGS to
+convergence) is fit on frames of the train split and scored on every frame of the test
+split: other clips and sentences, the same speakers. Labels: the frame's viseme and, from the speaker id,
 the speaker and their shirt and hair colours (face.py). For the viseme, a ceiling: a
 nearest-neighbour rule on the mouth the renderer drew (its opening, width and roundness),
 which is all a single frame can show of the viseme. The L2 weight is chosen per probe
