@@ -9,10 +9,10 @@ three ways: the trained encoder's features (EMA weights;
 the same features of the same encoder at random init, and the raw pixels. For each, one
 multinomial logistic regression per label (standardised features, L2 penalty, L-BFGS to
 convergence) is fit on frames of the train split and scored on every frame of the test
-split: other clips and sentences, the same speakers. Labels: the frame's viseme and, from the speaker id,
-the speaker and their shirt and hair colours (face.py). For the viseme, a ceiling: a
-nearest-neighbour rule on the mouth the renderer drew (its opening, width and roundness),
-which is all a single frame can show of the viseme. The L2 weight is chosen per probe
+split: other clips and sentences, the same speakers. Labels: the frame's viseme and, from
+the speaker id, the speaker and their shirt and hair colours (face.py). For the viseme, a
+ceiling: a nearest-neighbour rule on the mouth the renderer drew (its opening, width and
+roundness), which is all a single frame can show of the viseme. The L2 weight is chosen per probe
 on a fifth of the train clips held out from fitting, so no encoder gets a tuned advantage.
 The trained encoder's lead over each baseline comes with a 95% interval from resampling
 the test clips (`clip_bootstrap`): a clip's frames are not independent draws.
