@@ -12,8 +12,9 @@ convergence) is fit on frames of the train split and scored on every frame of th
 split: other clips and sentences, the same speakers. Labels: the frame's viseme and, from
 the speaker id, the speaker and their shirt and hair colours (face.py). For the viseme, a
 ceiling: a nearest-neighbour rule on the mouth the renderer drew (its opening, width and
-roundness), which is all a single frame can show of the viseme. The L2 weight is chosen per probe
-on a fifth of the train clips held out from fitting, so no encoder gets a tuned advantage.
+roundness), which is all a single frame can show of the viseme. The L2 weight is chosen per
+probe on a fifth of the train clips held out from fitting, so no encoder gets a tuned
+advantage.
 The trained encoder's lead over each baseline comes with a 95% interval from resampling
 the test clips (`clip_bootstrap`): a clip's frames are not independent draws.
 """
@@ -152,14 +153,14 @@ def _fit(x, y, valid, l2, init):
         updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
         return optax.apply_updates(p, updates), state
 
+    get, norm = optax.tree_utils.tree_get, optax.tree_utils.tree_norm
+
     def going(carry):
-        count = optax.tree_utils.tree_get(carry[1], "count")
-        norm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(carry[1], "grad"))
-        return (count == 0) | ((count < FIT_MAX_STEPS) & (norm >= FIT_TOL))
+        count = get(carry[1], "count")
+        return (count == 0) | ((count < FIT_MAX_STEPS) & (norm(get(carry[1], "grad")) >= FIT_TOL))
 
     p, state = jax.lax.while_loop(going, step, (init, opt.init(init)))
-    get = functools.partial(optax.tree_utils.tree_get, state)
-    return p, (get("value"), get("count"), optax.tree_utils.tree_norm(get("grad")))
+    return p, (get(state, "value"), get(state, "count"), norm(get(state, "grad")))
 
 
 def probe(train_x, train_y, test_x, test_y, n_classes: int, is_val,
