@@ -12,7 +12,7 @@ from flax import nnx
 
 from mirage_jax import config
 from mirage_jax.amdim import augment, probe
-from mirage_jax.amdim.loss import frames, multi_nce, nce
+from mirage_jax.amdim.loss import frames, moment_accuracy, multi_nce, nce
 from mirage_jax.amdim.model import AMDIM
 from mirage_jax.train import loop
 from mirage_jax.train.checkpoint import load_run
@@ -113,9 +113,28 @@ def test_nce_equals_numpy():
 def test_frames_take_every_stride_th_frame_then_the_refs():
     video = jnp.arange(2 * 9, dtype=jnp.float32).reshape(2, 9, 1, 1, 1) * jnp.ones((1, 1, 2, 2, 3))
     ref = -jnp.ones((2, 2, 2, 3))
-    images = frames({"video": video, "ref": ref}, True, 4)
+    images, group = frames({"video": video, "ref": ref}, True, 4)
     assert images.shape == (2 * 3 + 2, 2, 2, 3)
     np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 4, 8, 9, 13, 17, -1, -1])
+    np.testing.assert_array_equal(group, [0, 0, 0, 1, 1, 1, 0, 1])
+
+
+def test_moment_accuracy_needs_more_than_the_speaker():
+    """An encoder that codes only the clip (every image of a clip the same vector) scores
+    0; one whose views of each image agree and differ from its clip's other images, 1; a
+    rival in another clip does not count."""
+    rng = np.random.default_rng(0)
+    group = jnp.asarray([0, 0, 0, 1, 1, 1])
+    per_clip = jnp.asarray(rng.normal(size=(2, 8)))[group]
+    assert float(moment_accuracy(per_clip, jnp.repeat(per_clip[:, None], 4, 1), group)) == 0.0
+    per_image = jnp.asarray(rng.normal(size=(6, 8)))
+    trg = jnp.repeat(per_image[:, None], 4, 1)
+    assert float(moment_accuracy(per_image, trg, group)) == 1.0
+    # image 3 (clip 1) made image 0's best match: a rival only if both were one clip
+    trg = trg.at[3].set(trg[0] * 3)
+    one_clip = moment_accuracy(per_image, trg, jnp.zeros(6, int))
+    assert float(moment_accuracy(per_image, trg, group)) >= float(one_clip) + 1 / 6 - 1e-6
+    assert float(moment_accuracy(per_image, trg.at[1].set(trg[0] * 2), group)) < 1.0
 
 
 def test_views():
@@ -172,7 +191,7 @@ def test_aligned_views_score_lower_after_training(amdim_run, corpus_dir):
     assert len(losses) == cfg.train.steps and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     batch = loop.make_source(cfg).batch(0)
-    images = frames({k: jnp.asarray(batch[k]) for k in ("video", "ref")}, True)
+    images, _ = frames({k: jnp.asarray(batch[k]) for k in ("video", "ref")}, True)
     v1, v2 = augment.two_views(jax.random.key(7), images, cfg.amdim)
     src5 = jax.random.randint(jax.random.key(8), (2, v1.shape[0]), 0, 25)
 
