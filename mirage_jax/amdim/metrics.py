@@ -187,29 +187,15 @@ class VisemeProbe:
         is_val = np.repeat(np.asarray(clip_ids) % 5 == 4, np.shape(visemes)[1])
         self.mu, self.sd = x[~is_val].mean(0), x[~is_val].std(0) + 1e-6
         xs = (x - self.mu) / self.sd
-        valid = jnp.arange(probe_lib.MAX_CLASSES) < self.n_classes
-        init = {"w": jnp.zeros((x.shape[1], probe_lib.MAX_CLASSES)),
-                "b": jnp.zeros((probe_lib.MAX_CLASSES,))}
-        best = None
-        for l2 in l2s:
-            p, _ = probe_lib._fit(jnp.asarray(xs[~is_val]), jnp.asarray(y[~is_val]), valid, l2,
-                                  init)
-            self.params = p
-            row = {"l2": l2, "fit": self._acc(xs[~is_val], y[~is_val]),
-                   "val": self._acc(xs[is_val], y[is_val])}
-            if best is None or row["val"] > best[0]["val"]:
-                best = (row, p)
-        self.params = best[1]
-        return best[0]
+        self.params, row = probe_lib.select_l2(xs[~is_val], y[~is_val], xs[is_val], y[is_val],
+                                               self.n_classes, l2s)
+        return row
 
     def _feats(self, videos, batch):
         out = [np.asarray(self.features(videos[i:i + batch])) for i in range(0, len(videos),
                                                                               batch)]
         out = np.concatenate(out)
         return out.reshape(-1, out.shape[-1]).astype(np.float32)
-
-    def _acc(self, xs, y) -> float:
-        return float(np.mean(self._predict_std(xs) == y))
 
     def _predict_std(self, xs):
         logits = np.asarray(xs @ np.asarray(self.params["w"]) + np.asarray(self.params["b"]))
