@@ -224,7 +224,8 @@ def _probe(args, overrides):
     from mirage_jax.amdim import probe
 
     result = probe.run(args.checkpoint, args.dataset, args.data_dir, args.train_stride,
-                       args.test_stride, args.max_clips, step=args.step)
+                       args.test_stride, args.max_clips, step=args.step,
+                       supervised_steps=args.supervised_steps)
     probe.write(result, args.out)
     print(f"probe accuracy on {result['test_frames']} held-out frames -> {args.out}")
     for label, row in result["accuracy"].items():
@@ -385,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-stride", type=int, default=1, help="every n-th frame of test clips")
     p.add_argument("--max-clips", type=int, default=0, help="clips per split (0: all)")
     p.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    p.add_argument("--supervised-steps", type=int, default=0,
+                   help="also probe the encoder trained this many steps on the visemes")
     p.add_argument("--out", required=True, help="the JSON report")
     p.set_defaults(run=_probe)
     p = sub.add_parser("sync-calibrate", help="the sync judge's metrics on held-out real clips")

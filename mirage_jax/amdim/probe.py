@@ -17,6 +17,9 @@ probe on a fifth of the train clips held out from fitting, so no encoder gets a 
 advantage.
 The trained encoder's lead over each baseline comes with a 95% interval from resampling
 the test clips (`clip_bootstrap`): a clip's frames are not independent draws.
+With `supervised_steps`, a fourth column bounds the room: the same encoder trained end to
+end on the viseme of every frame of the fitting clips (five times the probe's labels), then
+frozen and probed like the others. No unsupervised encoder of this shape should read more.
 """
 
 from __future__ import annotations
@@ -111,6 +114,37 @@ def encoder_features(model: AMDIM, images: np.ndarray, maps=("r1",), region=WHOL
         out.append(np.asarray(_encode(graphdef, params, np.concatenate([x, pad]), model.size,
                                       tuple(maps), tuple(region)))[:len(x)])
     return np.concatenate(out)
+
+
+def supervised_encoder(cfg, images: np.ndarray, labels: np.ndarray, n_classes: int,
+                        region=WHOLE, maps=("r5",), steps: int = 2000, batch: int = 64,
+                        seed: int = 0) -> tuple:
+    """The reference for what labels make of this encoder: AMDIM(cfg)'s encoder with a linear
+    head on its `maps`, trained with cross-entropy (Adam 1e-3, `batch` frames drawn with
+    replacement) on uint8 `images` [N, H, W, 3] and int `labels` [N]. Returns (the encoder,
+    the loss of every step)."""
+    rngs = nnx.Rngs(params=seed)
+    encoder = AMDIM(cfg, rngs)
+    dim = encoder_features(encoder, images[:1], maps, region, batch=1).shape[1]
+    model = nnx.Dict(encoder=encoder, head=nnx.Linear(dim, n_classes, rngs=rngs))
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        def loss(m):
+            r = m["encoder"].encode(resize(x.astype(jnp.float32) / 127.5 - 1.0,
+                                           m["encoder"].size, region))
+            logits = m["head"](jnp.concatenate([r[k].reshape(len(x), -1) for k in maps], 1))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        opt.update(model, grads)
+        return value
+
+    pick = np.random.default_rng(seed).integers(0, len(images), (steps, batch))
+    losses = [float(step(model, opt, jnp.asarray(images[i]), jnp.asarray(labels[i])))
+              for i in pick]
+    return encoder, losses
 
 
 def pixel_features(images: np.ndarray, region=WHOLE) -> np.ndarray:
@@ -220,7 +254,7 @@ def clip_bootstrap(correct_a, correct_b, clip, n: int = 10_000, seed: int = 0) -
 
 def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
         train_stride: int = 5, test_stride: int = 1, max_clips: int = 0, seed: int = 0,
-        log=print, step: int | None = None) -> dict:
+        log=print, step: int | None = None, supervised_steps: int = 0) -> dict:
     """The probe table for a trained AMDIM run: {labels: {encoder: accuracy}} and details."""
     from mirage_jax.train.checkpoint import load_run
 
@@ -237,6 +271,18 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
                 "random_init": AMDIM(cfg, nnx.Rngs(params=seed + 1))}
     maps = tuple(m.strip() for m in cfg.amdim.probe_features.split(","))
     region = tuple(cfg.amdim.region)
+    supervised = {}
+    if supervised_steps:
+        every = load_frames(dataset, data_dir, "train", 1, max_clips)
+        fit = every["clip"] % 5 != 4  # the probe's fitting clips, every frame
+        encoders["supervised"], losses = supervised_encoder(
+            cfg, every["images"][fit], every["labels"]["viseme"][fit], NUM_VISEMES, region,
+            maps, supervised_steps, seed=seed + 2)
+        tenth = max(1, supervised_steps // 10)
+        supervised = {"frames": int(fit.sum()), "steps": supervised_steps,
+                      "loss_first_tenth": float(np.mean(losses[:tenth])),
+                      "loss_last_tenth": float(np.mean(losses[-tenth:]))}
+        log(f"supervised reference: {supervised}")
     feats = {k: tuple(encoder_features(m, s["images"], maps, region) for s in (train, test))
              for k, m in encoders.items()}
     feats["pixels"] = tuple(pixel_features(s["images"], region) for s in (train, test))
@@ -273,7 +319,8 @@ def run(checkpoint: str, dataset: str | None = None, data_dir: str | None = None
         "encoder_features": list(maps), "region": list(region),
         "train_frames": len(ytr), "test_frames": len(yte),
         "feature_dims": {k: int(v[0].shape[1]) for k, v in feats.items()},
-        "accuracy": table, "lead": lead, "details": details, "seconds": time.perf_counter() - t0,
+        "accuracy": table, "lead": lead, "details": details, "supervised": supervised,
+        "seconds": time.perf_counter() - t0,
     }
 
 
