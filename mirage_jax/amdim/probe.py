@@ -92,11 +92,15 @@ def nearest_neighbour(train_x, train_y, test_x, test_y) -> np.ndarray:
     return train_y[np.argmin(d, axis=1)] == test_y
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _encode(graphdef, params, images, size: int, maps: tuple, region: tuple):
-    x = resize(images.astype(jnp.float32) / 127.5 - 1.0, size, region)
-    r = nnx.merge(graphdef, params).encode(x)
-    return jnp.concatenate([r[k].reshape(len(x), -1) for k in maps], axis=1)
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _encode(graphdef, params, images, maps: tuple, region: tuple):
+    return _maps(nnx.merge(graphdef, params), images, maps, region)
+
+
+def _maps(encoder: AMDIM, images, maps: tuple, region: tuple):
+    """[N, D]: the encoder's `maps` of uint8 frames' `region`, flattened and concatenated."""
+    r = encoder.encode(resize(images.astype(jnp.float32) / 127.5 - 1.0, encoder.size, region))
+    return jnp.concatenate([r[k].reshape(len(images), -1) for k in maps], axis=1)
 
 
 def encoder_features(model: AMDIM, images: np.ndarray, maps=("r1",), region=WHOLE,
@@ -111,8 +115,8 @@ def encoder_features(model: AMDIM, images: np.ndarray, maps=("r1",), region=WHOL
     for i in range(0, len(images), batch):
         x = images[i:i + batch]
         pad = np.zeros((batch - len(x), *x.shape[1:]), x.dtype)
-        out.append(np.asarray(_encode(graphdef, params, np.concatenate([x, pad]), model.size,
-                                      tuple(maps), tuple(region)))[:len(x)])
+        out.append(np.asarray(_encode(graphdef, params, np.concatenate([x, pad]), tuple(maps),
+                                      tuple(region)))[:len(x)])
     return np.concatenate(out)
 
 
@@ -125,16 +129,14 @@ def supervised_encoder(cfg, images: np.ndarray, labels: np.ndarray, n_classes: i
     the loss of every step)."""
     rngs = nnx.Rngs(params=seed)
     encoder = AMDIM(cfg, rngs)
-    dim = encoder_features(encoder, images[:1], maps, region, batch=1).shape[1]
+    dim = jax.eval_shape(lambda x: _maps(encoder, x, maps, region), images[:1]).shape[1]
     model = nnx.Dict(encoder=encoder, head=nnx.Linear(dim, n_classes, rngs=rngs))
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt, x, y):
         def loss(m):
-            r = m["encoder"].encode(resize(x.astype(jnp.float32) / 127.5 - 1.0,
-                                           m["encoder"].size, region))
-            logits = m["head"](jnp.concatenate([r[k].reshape(len(x), -1) for k in maps], 1))
+            logits = m["head"](_maps(m["encoder"], x, maps, region))
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         value, grads = nnx.value_and_grad(loss)(model)
